@@ -1,0 +1,1 @@
+"""hrn_baseline package."""
