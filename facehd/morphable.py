@@ -371,3 +371,30 @@ def reconstruct(model: MorphableModel, coeffs: torch.Tensor, *, image_size: int 
     landmarks = proj[:, model.keypoints.to(coeffs.device)]
     return Reconstruction(shape=shape, vertices=vertices, vertices_cam=vertices_cam, normals=normals,
                           albedo=albedo, color=color, proj=proj, landmarks=landmarks, rotation=rotation)
+
+
+def describe_model(model: MorphableModel) -> str:
+    """A human-readable summary of a model: sizes, extent in millimetres, landmarks, regions."""
+    mean = model.mean_shape.double()
+    extent_mm = (mean.max(0).values - mean.min(0).values) * cv.MM_PER_MODEL_UNIT
+    nose = int(model.keypoints[cv.NOSE_TIP_IBUG])
+    lines = [
+        f"model      {model.source or '(in memory)'}",
+        f"vertices   {model.n_vertices}   faces {model.n_faces}   "
+        f"front region {model.front_vertices.numel()} vertices / {model.front_faces.shape[0]} faces",
+        f"extent     {extent_mm[0]:.1f} x {extent_mm[1]:.1f} x {extent_mm[2]:.1f} mm (width x height x depth; "
+        f"1 model unit = {cv.MM_PER_MODEL_UNIT:g} mm)",
+        f"bases      id {model.id_base.shape[1]}, exp {model.exp_base.shape[1]}, tex {model.tex_base.shape[1]}; "
+        f"first / last id std {model.id_base[:, 0].norm():.3g} / {model.id_base[:, -1].norm():.3g} "
+        f"(column norms, model units)",
+        f"landmarks  68 iBUG; nose tip vertex {nose} at z = {mean[nose, 2]:.3f} "
+        f"(max z {mean[:, 2].max():.3f})",
+        f"skin mask  {int(model.skin_mask.sum())} vertices",
+        f"uv         {'per-vertex UVs present' if model.uv is not None else 'none in the file'}",
+    ]
+    if model.region is not None:
+        counts = torch.bincount(model.region, minlength=len(model.region_names)).tolist()
+        lines.append("regions    " + ", ".join(f"{n} {c}" for n, c in zip(model.region_names, counts)))
+    else:
+        lines.append("regions    none in the file")
+    return "\n".join(lines)
