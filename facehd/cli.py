@@ -2,26 +2,12 @@
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import click
 
 from facehd import __version__
-from facehd.errors import FaceHDError
-
-
-def reports_errors(func):
-    """Turn the toolkit's own errors into a one-line message and exit status 1, not a traceback."""
-
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        try:
-            return func(*args, **kwargs)
-        except FaceHDError as exc:
-            raise click.ClickException(str(exc)) from exc
-
-    return wrapper
+from facehd.clitools import reports_errors
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -80,6 +66,15 @@ def model_info(path: Path):
 
     click.echo(describe_model(load_morphable_model(path)))
 
+
+def _register_commands() -> None:
+    from facehd.cli_dataset import stats, validate
+
+    main.add_command(validate)
+    main.add_command(stats)
+
+
+_register_commands()
 
 if __name__ == "__main__":
     main()
