@@ -13,27 +13,42 @@ PYTHON="${PYTHON:-python3}"
 
 say() { printf '[facehd setup] %s\n' "$*" >&2; }
 
-have_libusb() {
-    ldconfig -p 2>/dev/null | grep -q 'libusb-1.0.so.0'
+# System libraries the Python packages load at run time, as "soname:Debian package".
+# open3d links against libusb-1.0; pyrender renders offscreen through EGL (Mesa's llvmpipe on a
+# machine without a GPU).
+SYSTEM_LIBS="libusb-1.0.so.0:libusb-1.0-0 libEGL.so.1:libegl1 libEGL_mesa.so.0:libegl-mesa0 libGL.so.1:libgl1"
+MESA_DRI_PACKAGE="libgl1-mesa-dri"
+
+missing_packages() {
+    local cache
+    cache="$(ldconfig -p 2>/dev/null || true)"
+    for entry in $SYSTEM_LIBS; do
+        if ! grep -q "${entry%%:*}" <<<"$cache"; then printf '%s ' "${entry##*:}"; fi
+    done
+    if ! ls /usr/lib/*/dri/swrast_dri.so /usr/lib/*/dri/*_dri.so >/dev/null 2>&1; then
+        printf '%s ' "$MESA_DRI_PACKAGE"
+    fi
 }
 
-# open3d links against libusb-1.0 and fails to import without it.
-if ! have_libusb; then
+MISSING="$(missing_packages)"
+if [ -n "$MISSING" ]; then
+    export DEBIAN_FRONTEND=noninteractive
     if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-        say "installing libusb-1.0-0 (needed by open3d)"
-        export DEBIAN_FRONTEND=noninteractive
+        say "installing system libraries: $MISSING"
         apt-get update -qq >/dev/null || say "apt-get update failed; trying the install anyway"
-        apt-get install -y -qq libusb-1.0-0 >/dev/null
+        # shellcheck disable=SC2086
+        apt-get install -y -qq $MISSING >/dev/null
     elif command -v apt-get >/dev/null 2>&1 && command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
-        say "installing libusb-1.0-0 with sudo (needed by open3d)"
+        say "installing system libraries with sudo: $MISSING"
         sudo -n apt-get update -qq >/dev/null || true
-        sudo -n apt-get install -y -qq libusb-1.0-0 >/dev/null
+        # shellcheck disable=SC2086
+        sudo -n DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $MISSING >/dev/null
     else
-        say "open3d needs the system library libusb-1.0 and it is missing."
-        say "Install it as an administrator, then run this script again:"
-        say "  Debian/Ubuntu: sudo apt-get install libusb-1.0-0"
-        say "  Fedora:        sudo dnf install libusb1"
-        say "  conda:         conda install -c conda-forge libusb"
+        say "missing system libraries (Debian package names): $MISSING"
+        say "open3d needs libusb-1.0 and offscreen rendering needs EGL with Mesa. Install them as an"
+        say "administrator, then run this script again:"
+        say "  Debian/Ubuntu: sudo apt-get install $MISSING"
+        say "  Fedora:        sudo dnf install libusb1 mesa-libEGL mesa-dri-drivers"
         exit 1
     fi
 fi
