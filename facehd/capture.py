@@ -504,8 +504,9 @@ def load_capture(ref: CaptureRef) -> Capture:
 def find_captures(root: str | Path) -> list[CaptureRef]:
     """Every <root>/<subject>/<expression> folder, sorted by subject then expression.
 
-    Hidden folders (names starting with '.') are skipped. Subject folders without expression
-    folders give no capture (the validator reports them).
+    Hidden folders (names starting with '.') and side-product folders (names starting with '_',
+    e.g. `_truth`) are skipped. Subject folders without expression folders give no capture (the
+    validator reports them).
     """
     root = Path(root)
     if not root.is_dir():
@@ -523,4 +524,6 @@ def subject_dirs(root: str | Path) -> list[Path]:
 
 
 def _visible_dirs(path: Path) -> list[Path]:
-    return sorted((p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name)
+    # '_' folders hold side products beside the data (e.g. the synthetic generator's `_truth/`), not subjects.
+    return sorted((p for p in path.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))),
+                  key=lambda p: p.name)
