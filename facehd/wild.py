@@ -253,19 +253,22 @@ def write_list(root: str | Path, names: Sequence[str]) -> Path:
 # 5-point alignment
 
 
-def landmarks68_to_5(landmarks68: np.ndarray, eyes: str = "ring") -> np.ndarray:
+def landmarks68_to_5(landmarks68, eyes: str = "ring"):
     """(..., 68, D) -> (..., 5, D): image-left eye centre, image-right eye centre, nose tip (30),
     mouth corners (48, 54). ``eyes="ring"`` averages the six points of each eye (36-41, 42-47);
-    ``"corners"`` the two corners (36, 39 and 42, 45), as Deep3DFaceRecon's `extract_5p` does."""
-    points = np.asarray(landmarks68, dtype=np.float64)
+    ``"corners"`` the two corners (36, 39 and 42, 45), as Deep3DFaceRecon's `extract_5p` does.
+
+    Takes and returns a numpy array (float64) or a torch tensor (differentiable, dtype kept)."""
+    is_tensor = torch.is_tensor(landmarks68)
+    points = landmarks68 if is_tensor else np.asarray(landmarks68, dtype=np.float64)
     if points.ndim < 2 or points.shape[-2] != cv.N_LANDMARKS:
-        raise InputError(f"landmarks have shape {points.shape}, expected (..., {cv.N_LANDMARKS}, D)")
+        raise InputError(f"landmarks have shape {tuple(points.shape)}, expected (..., {cv.N_LANDMARKS}, D)")
     if eyes not in ("ring", "corners"):
         raise InputError(f"eyes must be 'ring' or 'corners', got {eyes!r}")
     groups = EYE_RINGS if eyes == "ring" else EYE_CORNERS
-    eye_centres = [points[..., list(group), :].mean(axis=-2) for group in groups]
+    eye_centres = [points[..., list(group), :].mean(-2) for group in groups]
     singles = [points[..., i, :] for i in (cv.NOSE_TIP_IBUG, *MOUTH_CORNERS)]
-    return np.stack([*eye_centres, *singles], axis=-2)
+    return (torch.stack if is_tensor else np.stack)([*eye_centres, *singles], -2)
 
 
 def template5_from_model(model: MorphableModel, size: int = CROP_SIZE, eyes: str = "ring") -> np.ndarray:

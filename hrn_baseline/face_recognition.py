@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from facehd.errors import InputError
+from facehd.wild import landmarks68_to_5  # noqa: F401  (re-exported: the perceptual loss aligns on 5 points)
 from hrn_baseline.networks import load_weights
 
 # ArcFace's 112x112 five-point template (insightface `arcface_src`, also Deep3DFaceRecon
@@ -23,14 +24,6 @@ ARCFACE_TEMPLATE_112 = (
 )
 ARCFACE_SIZE = 112
 EMBEDDING_SIZE = 512
-
-# iBUG-68 indices of the five points
-LEFT_EYE_RING = tuple(range(36, 42))
-RIGHT_EYE_RING = tuple(range(42, 48))
-LEFT_EYE_CORNERS = (36, 39)  # Deep3DFaceRecon `extract_5p` averages the eye corners only
-RIGHT_EYE_CORNERS = (42, 45)
-NOSE_TIP = 30
-MOUTH_LEFT, MOUTH_RIGHT = 48, 54
 
 # arcface_torch `iresnet*`: residual blocks per stage
 IRESNET_LAYERS = {
@@ -46,27 +39,6 @@ BN_EPS = 1e-5
 
 # ----------------------------------------------------------------------------------------------
 # alignment
-
-
-def landmarks68_to_5(lm68: torch.Tensor, eyes: str = "ring") -> torch.Tensor:
-    """(..., 68, 2) iBUG landmarks -> (..., 5, 2) in ArcFace's order: eye centres, nose tip (30),
-    mouth corners (48, 54). ``eyes="ring"`` averages all six points of each eye (36-41, 42-47);
-    ``"corners"`` averages the two corners (36, 39 and 42, 45), as Deep3DFaceRecon does."""
-    if lm68.shape[-2:] != (68, 2):
-        raise InputError(f"landmarks have shape {tuple(lm68.shape)}, expected (..., 68, 2)")
-    if eyes == "ring":
-        left, right = LEFT_EYE_RING, RIGHT_EYE_RING
-    elif eyes == "corners":
-        left, right = LEFT_EYE_CORNERS, RIGHT_EYE_CORNERS
-    else:
-        raise InputError(f"unknown eyes {eyes!r}; use ring or corners")
-    return torch.stack([
-        lm68[..., list(left), :].mean(-2),
-        lm68[..., list(right), :].mean(-2),
-        lm68[..., NOSE_TIP, :],
-        lm68[..., MOUTH_LEFT, :],
-        lm68[..., MOUTH_RIGHT, :],
-    ], dim=-2)
 
 
 def similarity_to_template(points: torch.Tensor, template: torch.Tensor) -> torch.Tensor:
