@@ -45,5 +45,16 @@ def published(benchmark: str, fmt: str):
     else:
         click.echo("\n\n".join(f"{title}\n\n{format_table(df, fmt, note=note)}" for _, title, df, note in tables))
 
+
+def _register_commands() -> None:
+    from benchmarks.cli_micc import micc_command
+    from benchmarks.cli_realy import realy_command
+
+    main.add_command(micc_command)
+    main.add_command(realy_command)
+
+
+_register_commands()
+
 if __name__ == "__main__":
     main()
