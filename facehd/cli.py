@@ -135,6 +135,101 @@ def model_info(path: Path):
     click.echo(describe_model(load_morphable_model(path)))
 
 
+def _capture_batch_options(func):
+    """Options shared by the per-capture batch commands (align, gt-maps)."""
+    options = [
+        click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=Path)),
+        click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), required=True,
+                     help="Derived-products root: OUT/<subject>/<expression>/ (never inside ROOT's captures)."),
+        click.option("--model", "model_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                     default=None, help="Morphable model (BFM_model_front.mat layout) [default: the built-in "
+                                        "SynthBFM, as `facehd synth facehd` uses]."),
+        click.option("--coeffs", "coeffs_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+                     default=None, help="Coefficient files (257 values; .npz key `coeffs` or Deep3DFaceRecon .mat): "
+                                        "DIR/<subject>/<expression>/cam<i>.npz|.mat per image, or one .npz|.mat "
+                                        "per capture there (e.g. ROOT/_truth). Without it id and exp are fitted."),
+        click.option("--scale", type=click.Choice(["metric", "landmarks"]), default="metric", show_default=True,
+                     help="Scan-to-model scale: metric (scan mm, 1 model unit = 100 mm) or the landmark fit's."),
+        click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="Captures processed in parallel (processes)."),
+        click.option("--shard", default=None, metavar="K/N",
+                     help="Process only captures K, K+N, K+2N, ... (0 <= K < N) [default: RANK/WORLD_SIZE "
+                          "from torchrun when set, else all]."),
+        click.option("--force", is_flag=True, help="Recompute captures whose outputs are up to date."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _run_capture_batch(run, root: Path, job, workers: int, shard: str | None, what: str) -> None:
+    """Run a dataset function with a progress bar, print failures as they happen and a summary;
+    exit status 1 when any capture failed."""
+    from facehd.batch import resolve_shard
+    from facehd.clitools import progress
+
+    def report_failure(result) -> None:
+        if result.status == "failed":
+            click.echo(f"FAILED {result.name}: {result.message}", err=True)
+
+    resolved = resolve_shard(shard)
+    report = run(root, job, workers=workers, shard=resolved, on_result=report_failure,
+                 progress=lambda items, **kw: progress(items, unit="capture", **kw))
+    counts = report.counts()
+    where = "" if resolved.count == 1 else f" (shard {resolved})"
+    click.echo(f"{len(report.results)} captures{where}: {counts['done']} {what}, {counts['skipped']} up to date, "
+               f"{counts['failed']} failed")
+    if report.failed:
+        click.echo("failed: " + ", ".join(r.name for r in report.failed), err=True)
+        click.get_current_context().exit(1)
+
+
+def _align_job(out: Path, model_path: Path | None, coeffs_dir: Path | None, scale: str, force: bool):
+    from facehd.align import AlignJob, AlignOptions, ModelSource
+
+    return AlignJob(out=out, model=ModelSource(model_path), coeffs_dir=coeffs_dir,
+                    options=AlignOptions(scale=scale), force=force)
+
+
+@main.command("align")
+@_capture_batch_options
+@reports_errors
+def align_command(root: Path, out: Path, model_path: Path | None, coeffs_dir: Path | None, scale: str,
+                  workers: int, shard: str | None, force: bool):
+    """Align every capture's scan to the morphable model: OUT/<subject>/<expression>/align.json.
+
+    A similarity from the 7 landmark pairs (checked: mirrored, degenerate, too bad, not mm), rigid
+    point-to-plane ICP on the scan's face region, and the coarse shape from --coeffs or fitted
+    (id and exp). align.json holds the scan mm -> model units transform, ICP fitness and inlier
+    RMSE (mm), per-landmark residuals (mm) and the coefficients. Finished captures whose inputs
+    are unchanged are skipped; a failing capture is reported and the rest go on (exit status 1).
+    """
+    from facehd.align import align_dataset
+
+    _run_capture_batch(align_dataset, root, _align_job(out, model_path, coeffs_dir, scale, force), workers,
+                       shard, "aligned")
+
+
+@main.command("gt-maps")
+@_capture_batch_options
+@click.option("--no-preview", is_flag=True, help="Skip the preview PNG.")
+@reports_errors
+def gt_maps_command(root: Path, out: Path, model_path: Path | None, coeffs_dir: Path | None, scale: str,
+                    workers: int, shard: str | None, force: bool, no_preview: bool):
+    """Fit ground-truth detail maps: OUT/<subject>/<expression>/gt_maps/cam<i>.npz and preview.png.
+
+    With the coefficients frozen, the deformation map (3x64x64) and displacement map (1x256x256)
+    are fitted so the detailed surface matches the aligned scan with noisy regions masked (TV and
+    L1 regularized). Maps are in model space: views with the same coefficients get the same maps.
+    Each npz holds the maps, their valid masks, the coefficients and the fit residuals (mm). The
+    capture is aligned first when its align.json is missing or stale.
+    """
+    from facehd.detail import GTJob, gt_maps_dataset
+
+    job = GTJob(align=_align_job(out, model_path, coeffs_dir, scale, force), preview=not no_preview)
+    _run_capture_batch(gt_maps_dataset, root, job, workers, shard, "fitted")
+
+
 def _register_commands() -> None:
     from facehd.cli_dataset import stats, validate
 
