@@ -4,51 +4,17 @@ or for the reference methods on the embedded synthetic benchmark when no data is
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
 
+from benchmarks.clitools import StageProgress, parse_preds
 from benchmarks.micc import DIRECTIONS, METRICS, UNITS, MiccOptions, run_micc
 from benchmarks.tables import FORMATS, format_table
 from facehd.errors import FaceHDError
 from facehd.fsutil import atomic_open
 
 TITLE = "MICC Florence (HRN supplement Table 1): mean / std of the distance in mm per setting"
-
-
-def _parse_preds(values: tuple[str, ...]) -> dict[str, Path]:
-    preds: dict[str, Path] = {}
-    for value in values:
-        name, sep, directory = value.partition("=")
-        if not sep or not name or not directory:
-            raise click.BadParameter(f"expected NAME=DIR, got {value!r}", param_hint="--pred")
-        if name in preds:
-            raise click.BadParameter(f"method name {name!r} given twice", param_hint="--pred")
-        preds[name] = Path(directory)
-    return preds
-
-
-class _Progress:
-    """One tqdm bar on stderr per stage (registering, evaluating), made on the stage's first report."""
-
-    def __init__(self):
-        self.stage = None
-        self.bar = None
-
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        if stage != self.stage:
-            self.close()
-            from tqdm import tqdm
-
-            self.stage = stage
-            self.bar = tqdm(total=total, desc=f"MICC: {stage}", file=sys.stderr, leave=False)
-        self.bar.update(done - self.bar.n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
 
 
 @click.command("micc", context_settings={"help_option_names": ["-h", "--help"]})
@@ -86,9 +52,9 @@ def micc_command(gt_dir, preds, template, template_keypoints, fmt, per_subject, 
     With no --gt / --pred / --template, runs the embedded synthetic benchmark (generated once,
     cached) with three reference methods: mean-face, landmark-3dmm and truth-noise.
     """
-    progress = _Progress()
+    progress = StageProgress("MICC")
     try:
-        result = run_micc(gt_dir, _parse_preds(preds), template, template_keypoints=template_keypoints,
+        result = run_micc(gt_dir, parse_preds(preds), template, template_keypoints=template_keypoints,
                           options=MiccOptions(direction=direction, metric=metric, units=units),
                           cache_root=cache_root, workers=workers, progress=progress,
                           synthetic_subjects=synthetic_subjects, synthetic_resolution=synthetic_resolution)

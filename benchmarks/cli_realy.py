@@ -9,43 +9,10 @@ from pathlib import Path
 
 import click
 
+from benchmarks.clitools import StageProgress, parse_preds
 from benchmarks.realy import run_realy, write_plots, write_run
 from benchmarks.tables import FORMATS, format_table
 from facehd.errors import FaceHDError
-
-
-def _parse_preds(values: tuple[str, ...]) -> dict[str, Path]:
-    preds: dict[str, Path] = {}
-    for value in values:
-        name, sep, directory = value.partition("=")
-        if not sep or not name or not directory:
-            raise click.BadParameter(f"expected NAME=DIR, got {value!r}", param_hint="--pred")
-        if name in preds:
-            raise click.BadParameter(f"method name {name!r} given twice", param_hint="--pred")
-        preds[name] = Path(directory)
-    return preds
-
-
-class _Progress:
-    """One tqdm bar on stderr per stage, made on the stage's first report."""
-
-    def __init__(self):
-        self.stage = None
-        self.bar = None
-
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        if stage != self.stage:
-            self.close()
-            from tqdm import tqdm
-
-            self.stage = stage
-            self.bar = tqdm(total=total, desc=f"REALY: {stage}", file=sys.stderr, leave=False)
-        self.bar.update(done - self.bar.n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
 
 
 def _report_problems(run) -> None:
@@ -87,9 +54,9 @@ def realy_command(realy_dir, preds, template_keypoints, template_mask, track, fm
     With no --realy, runs the embedded synthetic REALY set (generated once, cached) with the
     reference methods mean-face, landmark-3dmm and truth-noise, or with --pred folders on it.
     """
-    progress = _Progress()
+    progress = StageProgress("REALY")
     try:
-        run = run_realy(realy_dir, _parse_preds(preds), template_keypoints, template_mask=template_mask,
+        run = run_realy(realy_dir, parse_preds(preds), template_keypoints, template_mask=template_mask,
                         track=track, cache_root=cache_root, workers=workers, progress=progress,
                         synthetic_subjects=synthetic_subjects)
     except FaceHDError as exc:
