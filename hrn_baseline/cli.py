@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+import sys
+from pathlib import Path
+
 import click
 
+from facehd.clitools import reports_errors
 from hrn_baseline.environment import environment_report
 
 
@@ -19,6 +24,78 @@ def info():
     width = max(len(k) for k in report)
     for key, value in report.items():
         click.echo(f"{key.ljust(width)}  {value}")
+
+
+def _echo_log_lines() -> logging.Handler:
+    """Show the trainer's log lines (also in OUT/train.log) on stderr, keeping stdout for results."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("hrn_baseline.train")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    return handler
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="YAML config (see configs/hrn_default.yaml and configs/hrn_tiny_cpu.yaml).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Output folder for logs and checkpoints (default: train.out of the config).")
+@click.option("--resume", is_flag=True, help="Continue exactly from OUT/checkpoints/last.pt.")
+@reports_errors
+def train(config_path: Path, out: Path | None, resume: bool):
+    """Train HRN: alternating L_self (in-the-wild images) and L_super (in-the-lab images with GT
+    maps) iterations, with metrics in OUT/metrics.csv, OUT/metrics.jsonl and OUT/loss_curve.png and
+    checkpoints in OUT/checkpoints/. Under `torchrun --nproc_per_node N` it trains with DDP."""
+    import os
+
+    from facehd.clitools import progress
+    from hrn_baseline.config import load_config
+    from hrn_baseline.train import train as run_training
+
+    config = load_config(config_path)
+    main_process = os.environ.get("RANK", "0") == "0"
+    handler = _echo_log_lines() if main_process else None
+    try:
+        result = run_training(config, out, resume=resume, progress=progress)
+    finally:
+        if handler is not None:
+            logging.getLogger("hrn_baseline.train").removeHandler(handler)
+    if main_process:
+        click.echo(f"trained steps {result.start_step}..{result.steps} in {result.seconds:.1f} s; "
+                   f"last checkpoint {result.last_checkpoint}; logs in {result.out}")
+
+
+@main.command()
+@click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="A checkpoint written by `hrn train` (OUT/checkpoints/last.pt).")
+@click.option("--images", "images", multiple=True, required=True, type=click.Path(path_type=Path),
+              help="An image file or a folder of images; repeat the option for more.")
+@click.option("--landmarks", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder of <image stem>.txt files with 68 lines 'x y' (pixels): images are aligned to the "
+                   "model's crop with them. Without it the images must be pre-cropped to the model's input size.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Output folder: one sub-folder per image.")
+@click.option("--units", type=click.Choice(["model", "mm"]), default="model", show_default=True,
+              help="Units of the meshes, maps and translation (1 model unit = 100 mm).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, or a torch device string.")
+@reports_errors
+def predict(checkpoint: Path | None, images: tuple[Path, ...], landmarks: Path | None, out: Path, units: str,
+            device: str):
+    """Reconstruct faces: per image the coarse, mid and high meshes (OBJ with UVs and texture), the
+    deformation and displacement maps (.npy and 16-bit PNG, scaling in maps.json) and the
+    coefficients (.npz). Bad images are reported and skipped."""
+    from facehd.clitools import progress
+    from hrn_baseline.predict import predict as run_prediction
+
+    results = run_prediction(checkpoint, images, out, landmarks=landmarks, units=units, device=device,
+                             progress=progress)
+    failed = [r for r in results if r.error]
+    for r in results:
+        click.echo(f"{r.name}: {'FAILED ' + r.error if r.error else f'{len(r.files)} files in {out / r.name}'}")
+    click.echo(f"{len(results) - len(failed)} of {len(results)} images reconstructed ({units} units)")
+    if failed:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,291 @@
+"""The `hrn train` configuration: YAML files <-> dataclasses, with the paper's defaults, a small
+CPU size and the loss-weight presets (supplement, public code)."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from facehd import conventions as cv
+from facehd.errors import FileFormatError, InputError
+
+LOSS_PRESETS = ("supplement", "public_code")
+LR_POLICIES = ("step", "constant")
+
+# --- optimisation (HRN `options/train_options.py`, `models/networks.py` get_scheduler) ---------
+LEARNING_RATE = 1e-4  # Adam, the regressor and the detail nets
+ADAM_BETAS = (0.9, 0.999)  # torch defaults, as HRN (it passes only lr)
+LR_DECAY_EPOCHS = 10  # lr_policy "step": StepLR every 10 epochs ...
+LR_DECAY_GAMMA = 0.2  # ... multiplying by 0.2
+EPOCHS = 20  # n_epochs
+BATCH_SIZE = 32
+# --- discriminators (pix2pix defaults, DESIGN section 3) ----------------------------------------
+DISC_LEARNING_RATE = 2e-4
+DISC_BETAS = (0.5, 0.999)
+# --- Deep3DFaceRecon base-model regularisers (`facerecon_model.py` w_reg, w_id, w_exp, w_tex,
+# w_gamma): HRN trains on top of a pretrained, frozen base; when the regressor trains here too,
+# these keep its coefficients plausible.
+COEFF_REG_WEIGHT = 3e-4
+COEFF_REG_ID, COEFF_REG_EXP, COEFF_REG_TEX = 1.0, 0.8, 1.7e-2
+GAMMA_REG_WEIGHT = 10.0
+
+
+@dataclass
+class DataConfig:
+    """Where the training images are. Paths are relative to the config file."""
+
+    wild: list[str] = field(default_factory=list)  # in-the-wild folders (`facehd.wild` format): L_self
+    wild_aligned: bool = False  # the wild images are already image_size crops (no 5-point alignment)
+    lab_root: str | None = None  # FaceHD-100 root (in-the-lab captures): L_super
+    lab_derived: str | None = None  # its derived-products folder (<subject>/<expression>/gt_maps/cam<i>.npz)
+    lab_split: str | None = "train"  # subject split of the lab captures (None: all)
+    lab_views: list[int] | None = None  # camera indices to use (None: all nine)
+    num_workers: int = 0  # DataLoader worker processes per rank
+
+
+@dataclass
+class ModelConfig:
+    """Sizes of the HRN networks; the defaults are the paper's (DESIGN section 3)."""
+
+    morphable_model: str | None = None  # a BFM_model_front.mat; None: SynthBFM(synth_resolution, synth_seed)
+    uv_file: str | None = None  # (N, 2) per-vertex UVs (.npy) for models without a `uv` field (BFM09)
+    synth_resolution: int = 180
+    synth_seed: int = 0
+    image_size: int = cv.IMAGE_SIZE  # network input and render size, pixels
+    backbone: str = "resnet50"
+    backbone_weights: str | None = None  # torchvision backbone state dict (e.g. ImageNet ResNet-50)
+    regressor_weights: str | None = None  # a Deep3DFaceRecon `net_recon` state dict
+    freeze_regressor: bool = False  # HRN trains its detail nets on a pretrained, frozen base model
+    mid_map_size: int = cv.DEFORMATION_MAP_SIZE  # deformation map side, texels
+    high_map_size: int = cv.DISPLACEMENT_MAP_SIZE  # displacement map side, texels
+    mid_ngf: int = 64
+    mid_blocks: int = 9
+    high_ngf: int = 64
+    high_blocks: int = 9
+    norm: str = "instance"
+    dropout: bool = True  # HRN's Pix2PixOptions leave dropout on
+    disc_ndf: int = 64
+    disc_layers: int = 3
+    disc_norm: str = "batch"
+    rasterizer: str = "auto"  # auto | torch | nvdiffrast
+
+    @classmethod
+    def small(cls, **overrides) -> ModelConfig:
+        """A CPU-sized model for tests and demos: ResNet-18, ngf 8, two blocks, 32 / 64 texel maps,
+        112-pixel images, SynthBFM at resolution 32 (about a thousand vertices)."""
+        values = dict(synth_resolution=32, image_size=112, backbone="resnet18", mid_map_size=32,
+                      high_map_size=64, mid_ngf=8, mid_blocks=2, high_ngf=8, high_blocks=2, disc_ndf=8,
+                      disc_layers=2)
+        values.update(overrides)
+        return cls(**values)
+
+
+@dataclass
+class LossConfig:
+    """The loss weights: a preset plus per-term overrides (names of `losses.LossWeights`)."""
+
+    preset: str = "supplement"  # supplement (HRN supplement Sec. 3.2) | public_code
+    weights: dict[str, float] = field(default_factory=dict)  # e.g. {landmark: 1.6e-3}
+    coeff_reg: float = COEFF_REG_WEIGHT  # used only while the regressor trains
+    gamma_reg: float = GAMMA_REG_WEIGHT  # likewise
+    recognizer_weights: str | None = None  # ArcFace backbone.pth; None: a small random stand-in
+    recognizer_arch: str = "iresnet50"
+
+    def loss_weights(self):
+        """The `LossWeights` of the preset with the overrides applied."""
+        from hrn_baseline.losses import LossWeights
+
+        base = LossWeights.public_code() if self.preset == "public_code" else LossWeights()
+        return dataclasses.replace(base, **self.weights)
+
+
+@dataclass
+class OptimConfig:
+    """Adam for the generator side and for the discriminators, and the step schedule."""
+
+    lr: float = LEARNING_RATE
+    betas: list[float] = field(default_factory=lambda: list(ADAM_BETAS))
+    disc_lr: float = DISC_LEARNING_RATE
+    disc_betas: list[float] = field(default_factory=lambda: list(DISC_BETAS))
+    weight_decay: float = 0.0
+    lr_policy: str = "step"  # step | constant
+    lr_decay_epochs: float = LR_DECAY_EPOCHS  # an epoch = one pass over the in-the-wild images
+    lr_decay_steps: int | None = None  # overrides lr_decay_epochs when set
+    lr_gamma: float = LR_DECAY_GAMMA
+
+
+@dataclass
+class TrainConfig:
+    """Length, batching, logging, checkpoints, seed and device of a run."""
+
+    epochs: float = EPOCHS
+    steps: int | None = None  # overrides epochs; one step = one L_self (+ one L_super) iteration
+    batch_size: int = BATCH_SIZE  # per process
+    checkpoint_every: int = 1000
+    log_every: int = 50
+    seed: int = 0
+    device: str = "auto"  # auto (the accelerator if any, else cpu) or a torch device string
+    deterministic: bool = False  # torch.use_deterministic_algorithms (bitwise resume on the CPU)
+    out: str | None = None  # output folder; `hrn train --out` overrides it
+
+
+@dataclass
+class Config:
+    """A whole `hrn train` configuration (one YAML file, one section per field)."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self, where: str | Path | None = None) -> Config:
+        """Check values that the types cannot; raise `FileFormatError` naming ``where``."""
+        def bad(problem: str):
+            return FileFormatError(where, problem) if where else InputError(problem)
+
+        if self.loss.preset not in LOSS_PRESETS:
+            raise bad(f"loss.preset is {self.loss.preset!r}; use one of {', '.join(LOSS_PRESETS)}")
+        from hrn_baseline.losses import LossWeights
+
+        unknown = sorted(set(self.loss.weights) - {f.name for f in dataclasses.fields(LossWeights)})
+        if unknown:
+            known = ", ".join(f.name for f in dataclasses.fields(LossWeights))
+            raise bad(f"loss.weights has unknown term(s) {', '.join(unknown)}; known: {known}")
+        if self.optim.lr_policy not in LR_POLICIES:
+            raise bad(f"optim.lr_policy is {self.optim.lr_policy!r}; use one of {', '.join(LR_POLICIES)}")
+        for name in ("betas", "disc_betas"):
+            if len(getattr(self.optim, name)) != 2:
+                raise bad(f"optim.{name} must hold two numbers")
+        m = self.model
+        if m.image_size < 32 or m.mid_map_size % 4 or m.high_map_size % 4:
+            raise bad("model.image_size must be at least 32 and the map sizes multiples of 4")
+        if self.train.batch_size < 1 or self.train.log_every < 1 or self.train.checkpoint_every < 1:
+            raise bad("train.batch_size, log_every and checkpoint_every must be positive")
+        if not self.data.wild:
+            raise bad("data.wild lists no in-the-wild image folder (L_self needs at least one)")
+        if (self.data.lab_root is None) != (self.data.lab_derived is None):
+            raise bad("data.lab_root and data.lab_derived go together (images and their GT maps)")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str | Path | None = None, base_dir: str | Path | None = None
+                  ) -> Config:
+        """Build from a nested dict (missing keys take the defaults); unknown keys and wrong types
+        raise `FileFormatError` naming ``where``. Relative paths resolve against ``base_dir``."""
+        config = _build(cls, data or {}, "", where)
+        if base_dir is not None:
+            _resolve_paths(config, Path(base_dir))
+        return config.validate(where)
+
+
+def load_config(path: str | Path) -> Config:
+    """Read a YAML config; relative paths in it are relative to the file's folder."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise FileFormatError(path, "no such config file") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise FileFormatError(path, f"not a readable YAML file: {exc}") from None
+    if data is not None and not isinstance(data, dict):
+        raise FileFormatError(path, "a config must be a mapping with sections data, model, loss, optim, train")
+    return Config.from_dict(data or {}, where=path, base_dir=path.parent)
+
+
+# ----------------------------------------------------------------------------------------------
+# dict -> dataclass with checks
+
+
+def _build(cls, data, prefix: str, where):
+    if not isinstance(data, dict):
+        raise FileFormatError(where, f"{prefix or 'the config'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise FileFormatError(where, f"unknown key(s) {', '.join(prefix + k for k in unknown)}; "
+                                     f"{prefix or 'top level'} takes {', '.join(sorted(names))}")
+    values = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, value, f"{prefix}{name}.", where)
+        else:
+            values[name] = _coerce(value, hint, prefix + name, where)
+    return cls(**values)
+
+
+def _coerce(value, hint, name: str, where):
+    """``value`` checked against a simple type hint (str, int, float, bool, list[..], dict, X | None)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, name, where)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise FileFormatError(where, f"{name} must be a list, got {value!r}")
+        return [_coerce(v, args[0], f"{name}[{i}]", where) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise FileFormatError(where, f"{name} must be a mapping, got {value!r}")
+        return {str(k): _coerce(v, args[1], f"{name}.{k}", where) for k, v in value.items()}
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise FileFormatError(where, f"{name} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise FileFormatError(where, f"{name} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise FileFormatError(where, f"{name} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise FileFormatError(where, f"{name} must be a string, got {value!r}")
+        return str(value)
+    raise FileFormatError(where, f"{name}: unsupported value {value!r}")
+
+
+PATH_FIELDS = {
+    "data": ("wild", "lab_root", "lab_derived"),
+    "model": ("morphable_model", "uv_file", "backbone_weights", "regressor_weights"),
+    "loss": ("recognizer_weights",),
+    "train": ("out",),
+}
+
+
+def _resolve_paths(config: Config, base: Path) -> None:
+    """Make relative paths absolute against ``base`` (the config file's folder), in place."""
+    def resolve(p: str) -> str:
+        path = Path(p).expanduser()
+        return str(path) if path.is_absolute() else str((base / path).resolve())
+
+    for section, names in PATH_FIELDS.items():
+        part = getattr(config, section)
+        for name in names:
+            value = getattr(part, name)
+            if isinstance(value, list):
+                setattr(part, name, [resolve(v) for v in value])
+            elif value is not None:
+                setattr(part, name, resolve(value))

@@ -1,0 +1,295 @@
+"""`hrn predict`: images (+ 68 landmarks) -> coarse, mid and high meshes (OBJ with UVs and texture),
+deformation and displacement maps (.npy and 16-bit PNG) and coefficients (.npz), in model units or mm."""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from facehd import conventions as cv
+from facehd.errors import FaceHDError, FileFormatError, InputError
+from facehd.fsutil import atomic_open, atomic_path
+from facehd.io import Mesh, save_mesh
+from facehd.morphable import split_coeffs
+from facehd.wild import IMAGE_SUFFIXES, align_to_crop, read_image, read_landmarks, template5_from_model
+from hrn_baseline.config import ModelConfig
+from hrn_baseline.model import HRN, HRNOutput, load_hrn_morphable
+from hrn_baseline.train import load_checkpoint, resolve_device
+
+UNITS = ("model", "mm")
+PNG16_MAX = 65535
+LANDMARK_SUFFIX = ".txt"
+MESH_LEVELS = ("coarse", "mid", "high")
+# how the 16-bit PNGs store signed values (also written to maps.json beside them)
+PNG16_ENCODING = "png = round((value / scale + 1) / 2 * 65535); value = (png / 65535 * 2 - 1) * scale"
+TEXTURE_NOTE = "the input image re-sampled into UV through the mid mesh (HRN's texture map)"
+
+Progress = Callable[..., Iterable]
+
+
+@dataclass
+class Prediction:
+    """The outcome for one input image: the files written, or why it failed."""
+
+    name: str
+    source: Path
+    files: list[Path] = field(default_factory=list)
+    error: str | None = None
+
+
+@dataclass
+class _Input:
+    name: str
+    source: Path
+    image: torch.Tensor  # (3, S, S) in [0, 1]
+    landmarks: np.ndarray | None  # (68, 2) crop pixels (x, row), when given
+    transform: np.ndarray  # (3,) image -> crop [scale, tx, ty]
+
+
+# ----------------------------------------------------------------------------------------------
+# model
+
+
+def load_model(checkpoint: str | Path | None, device: str = "auto") -> HRN:
+    """The HRN of a `hrn train` checkpoint, in eval mode on ``device``. The checkpoint names its
+    morphable model (file or SynthBFM parameters), which is loaded from there."""
+    if checkpoint is None:
+        raise InputError("no checkpoint given: train one first, e.g. `hrn train --config configs/hrn_tiny_cpu.yaml "
+                         "--out runs/tiny`, then pass --checkpoint runs/tiny/checkpoints/last.pt")
+    state = load_checkpoint(checkpoint)
+    try:
+        config = ModelConfig(**state["config"]["model"])
+    except TypeError as exc:
+        raise FileFormatError(checkpoint, f"its model config does not match this version of hrn_baseline ({exc})") \
+            from None
+    model = HRN(load_hrn_morphable(config), config)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise FileFormatError(checkpoint, f"weights do not fit the model its config describes ({exc})") from None
+    return model.to(resolve_device(device)).eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# inputs
+
+
+def list_images(paths: Sequence[str | Path]) -> list[Path]:
+    """Image files from files and folders (a folder contributes its .jpg / .jpeg / .png, sorted)."""
+    found = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found += sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise FileFormatError(path, "no such image file or folder")
+    if not found:
+        raise InputError(f"no images (.jpg, .jpeg, .png) in {', '.join(map(str, paths))}")
+    return found
+
+
+def prepare_input(path: Path, landmarks_dir: Path | None, template5: np.ndarray, size: int) -> _Input:
+    """Read one image; with landmarks, align it to the S x S crop (facehd.wild's 5-point alignment),
+    else it must already be an S x S crop."""
+    image = read_image(path)
+    if landmarks_dir is None:
+        if image.shape[:2] != (size, size):
+            raise FileFormatError(path, f"image is {image.shape[1]} x {image.shape[0]} pixels: give --landmarks to "
+                                        f"align it, or a pre-cropped {size} x {size} image")
+        tensor = torch.from_numpy(image.astype(np.float32) / 255.0).permute(2, 0, 1).contiguous()
+        return _Input(path.stem, path, tensor, None, np.array([1.0, 0.0, 0.0]))
+    landmarks = read_landmarks(landmarks_dir / f"{path.stem}{LANDMARK_SUFFIX}")
+    crop = align_to_crop(image, landmarks, None, template5, size)
+    return _Input(path.stem, path, crop.image, crop.landmarks.double().numpy(), crop.transform.as_array())
+
+
+# ----------------------------------------------------------------------------------------------
+# 16-bit PNG (Pillow writes no 16-bit RGB)
+
+
+def write_png16(path: str | Path, pixels: np.ndarray) -> Path:
+    """Write (H, W) or (H, W, 3) uint16 pixels as a 16-bit grey or RGB PNG, atomically."""
+    pixels = np.asarray(pixels)
+    if pixels.dtype != np.uint16 or pixels.ndim not in (2, 3) or (pixels.ndim == 3 and pixels.shape[2] != 3):
+        raise InputError(f"16-bit PNG pixels must be uint16 (H, W) or (H, W, 3), got {pixels.dtype} {pixels.shape}")
+    height, width = pixels.shape[:2]
+    colour_type = 0 if pixels.ndim == 2 else 2
+    rows = pixels.astype(">u2").reshape(height, -1).view(np.uint8)
+    raw = np.concatenate([np.zeros((height, 1), np.uint8), rows], axis=1)  # filter type 0 on each row
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0)
+    payload = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw.tobytes(), 6)) \
+        + chunk(b"IEND", b"")
+    with atomic_open(path, "wb") as fh:
+        fh.write(payload)
+    return Path(path)
+
+
+def read_png16(path: str | Path) -> np.ndarray:
+    """Read a 16-bit grey or RGB PNG as written by `write_png16` (filter type 0 rows) -> uint16."""
+    path = Path(path)
+    data = path.read_bytes()
+    if data[:8] != b"\x89PNG\r\n\x1a\n":
+        raise FileFormatError(path, "not a PNG file")
+    pos, header, idat = 8, None, b""
+    while pos < len(data):
+        (length,), kind = struct.unpack(">I", data[pos:pos + 4]), data[pos + 4:pos + 8]
+        body = data[pos + 8:pos + 8 + length]
+        if kind == b"IHDR":
+            header = struct.unpack(">IIBBBBB", body)
+        elif kind == b"IDAT":
+            idat += body
+        pos += 12 + length
+    if header is None or header[2] != 16 or header[3] not in (0, 2):
+        raise FileFormatError(path, "not a 16-bit grey or RGB PNG")
+    width, height, channels = header[0], header[1], 1 if header[3] == 0 else 3
+    raw = np.frombuffer(zlib.decompress(idat), np.uint8).reshape(height, 1 + 2 * width * channels)
+    if raw[:, 0].any():
+        raise FileFormatError(path, "uses PNG row filters other than 0: read it with a full PNG decoder")
+    pixels = raw[:, 1:].copy().view(">u2").astype(np.uint16)
+    return pixels.reshape(height, width) if channels == 1 else pixels.reshape(height, width, 3)
+
+
+def encode_png16(values: np.ndarray) -> tuple[np.ndarray, float]:
+    """Signed values -> (uint16 pixels, scale) by `PNG16_ENCODING`; scale = max |value| (1 if all 0)."""
+    scale = float(np.abs(values).max()) if values.size else 0.0
+    scale = scale if scale > 0 else 1.0
+    pixels = np.round((values / scale + 1.0) / 2.0 * PNG16_MAX)
+    return np.clip(pixels, 0, PNG16_MAX).astype(np.uint16), scale
+
+
+def decode_png16(pixels: np.ndarray, scale: float) -> np.ndarray:
+    """Inverse of `encode_png16` (to within scale / 65535)."""
+    return (pixels.astype(np.float64) / PNG16_MAX * 2.0 - 1.0) * scale
+
+
+# ----------------------------------------------------------------------------------------------
+# exports
+
+
+def _unit_factor(units: str) -> float:
+    if units not in UNITS:
+        raise InputError(f"units must be one of {', '.join(UNITS)}, got {units!r}")
+    return cv.MM_PER_MODEL_UNIT if units == "mm" else 1.0
+
+
+def _unit_label(units: str) -> str:
+    return "mm" if units == "mm" else f"model (1 unit = {cv.MM_PER_MODEL_UNIT:g} mm)"
+
+
+def export_one(folder: Path, model: HRN, out: HRNOutput, b: int, item: _Input, units: str) -> list[Path]:
+    """Write item ``b`` of a forward pass: meshes, maps, coefficients and maps.json."""
+    factor, label = _unit_factor(units), _unit_label(units)
+    texture = (out.texture_map_high[b].permute(1, 2, 0).clamp(0, 1) * 255).round().byte().cpu().numpy()
+    mm = model.morphable
+    faces, uvs = mm.faces.cpu().numpy(), mm.uv.double().cpu().numpy()
+    dense_uvs, dense_faces, dense_index = (t.cpu() for t in model.dense_mesh())
+    vertices = {
+        "coarse": (out.coarse.shape[b], faces, uvs),
+        "mid": (out.shape_mid[b], faces, uvs),
+        "high": (out.dense_vertices[b][dense_index], dense_faces.numpy(), dense_uvs.double().numpy()),
+    }
+    files = []
+    for level, (verts, level_faces, level_uvs) in vertices.items():
+        metadata = {"units": "mm" if units == "mm" else "model", "mm_per_unit": f"{cv.MM_PER_MODEL_UNIT:g}",
+                    "space": "model (shape before pose; x left, y up, z toward the camera)", "level": level,
+                    "source": str(item.source)}
+        mesh = Mesh(verts.double().cpu().numpy() * factor, level_faces, uvs=level_uvs, texture=texture,
+                    metadata=metadata)
+        path = folder / f"{level}.obj"
+        save_mesh(path, mesh)
+        files += [path, path.with_suffix(".mtl"), path.with_suffix(".png")]
+
+    maps = {"deformation": out.deformation[b], "displacement": out.displacement[b]}
+    sidecar = {"units": label, "png16_encoding": PNG16_ENCODING, "maps": {}}
+    for name, value in maps.items():
+        array = value.double().cpu().numpy() * factor
+        npy = folder / f"{name}.npy"
+        with atomic_path(npy) as tmp:
+            np.save(tmp, array.astype(np.float32))
+        pixels, scale = encode_png16(array)
+        png = write_png16(folder / f"{name}.png", pixels[0] if len(pixels) == 1 else pixels.transpose(1, 2, 0))
+        sidecar["maps"][name] = {"npy": npy.name, "png": png.name, "shape": list(array.shape), "scale": scale,
+                                 "channels": ["x", "y", "z"] if name == "deformation" else ["along the coarse normal"]}
+        files += [npy, png]
+    sidecar["texture"] = TEXTURE_NOTE
+    with atomic_open(folder / "maps.json") as fh:
+        json.dump(sidecar, fh, indent=2)
+    files.append(folder / "maps.json")
+    files.append(_write_coeffs(folder / "coeffs.npz", out, b, item, units, factor))
+    return files
+
+
+def _write_coeffs(path: Path, out: HRNOutput, b: int, item: _Input, units: str, factor: float) -> Path:
+    coeffs = out.coeffs[b:b + 1].detach().double().cpu()
+    c = split_coeffs(coeffs)
+    arrays = {
+        "coeffs": coeffs[0].numpy(),  # the raw 257-vector, DESIGN section 3 (its translation in model units)
+        "id": c.id[0].numpy(), "exp": c.exp[0].numpy(), "tex": c.tex[0].numpy(), "angle": c.angle[0].numpy(),
+        "gamma": c.gamma[0].numpy(), "trans": c.trans[0].numpy() * factor,
+        "units": np.array(_unit_label(units)),
+        "landmarks": out.landmarks[b].detach().double().cpu().numpy(),  # predicted, crop pixels (x, row)
+        "crop_transform": item.transform,  # image -> crop: crop = scale * p + (tx, ty)
+        "image_size": np.array(out.render_mask.shape[-1]),
+        "source": np.array(str(item.source)),
+    }
+    with atomic_open(path, "wb") as fh:
+        np.savez(fh, **arrays)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# entry point
+
+
+def predict(checkpoint: str | Path | None, images: Sequence[str | Path], out: str | Path, *,
+            landmarks: str | Path | None = None, units: str = "model", device: str = "auto", batch_size: int = 8,
+            progress: Progress | None = None, model: HRN | None = None) -> list[Prediction]:
+    """Reconstruct every image and write ``out/<image stem>/``: coarse.obj, mid.obj, high.obj (each
+    with .mtl and texture .png), deformation / displacement .npy and 16-bit .png, maps.json (units
+    and PNG scaling) and coeffs.npz. A bad image is reported in its `Prediction` and skipped.
+    ``model`` overrides the checkpoint (an already loaded HRN)."""
+    _unit_factor(units)
+    model = model if model is not None else load_model(checkpoint, device)
+    model.eval()
+    template5 = template5_from_model(model.morphable, model.image_size)
+    landmarks_dir = None if landmarks is None else Path(landmarks)
+    if landmarks_dir is not None and not landmarks_dir.is_dir():
+        raise FileFormatError(landmarks_dir, "no such landmark folder (68 lines 'x y' per <image stem>.txt)")
+    paths = list_images(images)
+    results = [Prediction(p.stem, p) for p in paths]
+    duplicates = sorted({p.stem for p in paths if sum(q.stem == p.stem for q in paths) > 1})
+    if duplicates:
+        raise InputError(f"several images share the name(s) {', '.join(duplicates)}: outputs go to OUT/<name>/")
+    chunks = [list(range(i, min(i + batch_size, len(paths)))) for i in range(0, len(paths), batch_size)]
+    if progress is not None:
+        chunks = progress(chunks, total=len(chunks), desc="hrn predict", unit="batch")
+    device_ = next(model.parameters()).device
+    for chunk in chunks:
+        inputs = []
+        for i in chunk:
+            try:
+                inputs.append((i, prepare_input(paths[i], landmarks_dir, template5, model.image_size)))
+            except FaceHDError as exc:
+                results[i].error = str(exc)
+        if not inputs:
+            continue
+        with torch.no_grad():
+            output = model(torch.stack([item.image for _, item in inputs]).to(device_))
+        for b, (i, item) in enumerate(inputs):
+            try:
+                results[i].files = export_one(Path(out) / item.name, model, output, b, item, units)
+            except FaceHDError as exc:
+                results[i].error = str(exc)
+    return results

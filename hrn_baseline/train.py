@@ -1,0 +1,710 @@
+"""`hrn train`: HRN's alternating L_self (in-the-wild) / L_super (in-the-lab) training with PatchGAN
+discriminators, CSV / JSONL / PNG logs, atomic checkpoints, exact resume and DDP under torchrun."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from facehd import conventions as cv
+from facehd.errors import FileFormatError, InputError
+from facehd.fsutil import atomic_open, atomic_path
+from facehd.morphable import rigid_transform, split_coeffs, to_camera
+from facehd.wild import template5_from_model
+from hrn_baseline.config import COEFF_REG_EXP, COEFF_REG_ID, COEFF_REG_TEX, Config
+from hrn_baseline.data import LabViews, wild_dataset
+from hrn_baseline.face_recognition import FaceRecognizer, landmarks68_to_5
+from hrn_baseline.losses import (
+    LossWeights,
+    contour_loss,
+    displacement_l1,
+    landmark_loss,
+    landmark_weights,
+    lsgan_discriminator_loss,
+    lsgan_generator_loss,
+    map_l1,
+    perceptual_loss,
+    photometric_loss,
+    total_self_loss,
+    total_super_loss,
+    tv_loss,
+)
+from hrn_baseline.model import HRN, HRNOutput, load_hrn_morphable, make_discriminators, project_rows
+
+LOGGER = logging.getLogger("hrn_baseline.train")
+CHECKPOINT_FORMAT = "hrn-checkpoint"
+CHECKPOINT_VERSION = 1
+CHECKPOINT_DIR = "checkpoints"
+LAST_CHECKPOINT = "last.pt"
+METRICS_CSV = "metrics.csv"
+METRICS_JSONL = "metrics.jsonl"
+LOSS_CURVE_PNG = "loss_curve.png"
+TRAIN_LOG = "train.log"
+CONFIG_COPY = "config.yaml"
+MAP_NAMES = ("mid", "high")  # discriminator / map names: deformation ("mid"), displacement ("high")
+PLOTTED = ("self/total", "super/total", "disc/total")
+
+Progress = Callable[..., Iterable]  # progress(iterable, total=n, desc=text, unit=text), e.g. tqdm
+
+
+@dataclass
+class TrainResult:
+    """What `train` did (rank 0's view)."""
+
+    out: Path
+    start_step: int
+    steps: int  # the step count reached
+    last_checkpoint: Path | None
+    last_metrics: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)  # warnings also written to train.log
+
+
+# ----------------------------------------------------------------------------------------------
+# processes and devices
+
+
+@dataclass(frozen=True)
+class Processes:
+    """This process's place in a torchrun job (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+
+def _processes_from_env() -> Processes:
+    """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; plain runs have none of them."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return Processes(rank=int(os.environ.get("RANK", "0")), world=world,
+                     local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """"auto": the machine's accelerator (one per local rank) if there is one, else the CPU."""
+    if name != "auto":
+        return torch.device(name)
+    # a CUDA build names its accelerator even on a machine without a GPU: ask whether it is usable
+    usable = hasattr(torch, "accelerator") and torch.accelerator.is_available()
+    accelerator = torch.accelerator.current_accelerator() if usable else None
+    if accelerator is None:
+        return torch.device("cpu")
+    return torch.device(accelerator.type, local_rank % max(torch.accelerator.device_count(), 1))
+
+
+# ----------------------------------------------------------------------------------------------
+# data order that survives a resume
+
+
+class BatchStream:
+    """Endless batches of a dataset in an order fixed by (seed, epoch), so that a resumed run sees
+    exactly the batches the uninterrupted one would have: epoch e is `DistributedSampler`'s shuffle
+    for epoch e (this rank's share), cut into full batches; ``position`` counts the batches used."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, seed: int, procs: Processes, num_workers: int = 0,
+                 name: str = "data"):
+        self.dataset, self.batch_size, self.seed, self.procs = dataset, batch_size, seed, procs
+        self.num_workers, self.name = num_workers, name
+        self.epoch, self.position = 0, 0
+        self._iterator = None
+        if self.batches_per_epoch == 0:
+            raise InputError(f"the {name} set has {len(dataset)} samples, fewer than batch_size {batch_size} x "
+                             f"{procs.world} process(es)")
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return (len(self.dataset) // self.procs.world) // self.batch_size
+
+    def _batches(self, epoch: int) -> list[list[int]]:
+        sampler = DistributedSampler(self.dataset, num_replicas=self.procs.world, rank=self.procs.rank,
+                                     shuffle=True, seed=self.seed, drop_last=True)
+        sampler.set_epoch(epoch)
+        indices = list(sampler)
+        n = len(indices) // self.batch_size
+        return [indices[i * self.batch_size:(i + 1) * self.batch_size] for i in range(n)]
+
+    def _start(self) -> None:
+        batches = self._batches(self.epoch)[self.position:]
+        # a DataLoader draws its workers' base seed from the global RNG unless given a generator;
+        # that draw would make a resumed run's dropout differ from the uninterrupted run's
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        loader = DataLoader(self.dataset, batch_sampler=batches, num_workers=self.num_workers, generator=generator)
+        self._iterator = iter(loader)
+
+    def next(self) -> dict:
+        if self._iterator is None:
+            self._start()
+        try:
+            batch = next(self._iterator)
+        except StopIteration:
+            self.epoch, self.position = self.epoch + 1, 0
+            self._start()
+            batch = next(self._iterator)
+        self.position += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._iterator = None
+
+
+# ----------------------------------------------------------------------------------------------
+# losses of one iteration
+
+
+def coefficient_regularizer(coeffs: torch.Tensor) -> torch.Tensor:
+    """Deep3DFaceRecon's `reg_loss`: (w_id |id|^2 + w_exp |exp|^2 + w_tex |tex|^2) / B."""
+    c = split_coeffs(coeffs)
+    total = COEFF_REG_ID * (c.id**2).sum() + COEFF_REG_EXP * (c.exp**2).sum() + COEFF_REG_TEX * (c.tex**2).sum()
+    return total / coeffs.shape[0]
+
+
+def gamma_regularizer(coeffs: torch.Tensor) -> torch.Tensor:
+    """Deep3DFaceRecon's `gamma_loss`: the variance of the SH lighting across colour channels
+    (it prefers white light, leaving colour to the albedo)."""
+    gamma = split_coeffs(coeffs).gamma.reshape(-1, 3, 9)
+    return ((gamma - gamma.mean(dim=1, keepdim=True)) ** 2).mean()
+
+
+def deformation_projection(out: HRNOutput) -> torch.Tensor:
+    """(B, N, 2) M1's projection with gradients to the deformation map only.
+
+    HRN's contour-aware loss shapes the mid-frequency deformation (its base model is frozen); fed
+    to a regressor that trains too, its silhouette pull would bend the identity and pose instead.
+    """
+    coarse = out.coarse
+    shape = coarse.shape.detach() + out.offsets_mid
+    trans = split_coeffs(out.coeffs).trans.detach()
+    vertices_cam = to_camera(rigid_transform(shape, coarse.rotation.detach(), trans))
+    return project_rows(vertices_cam, out.render_mask.shape[-1])
+
+
+def generator_terms(out: HRNOutput, batch: dict, recognizer: nn.Module, front_vertices: torch.Tensor, *,
+                    has_face_mask: bool, discriminators: nn.ModuleDict | None = None) -> dict[str, torch.Tensor]:
+    """The unweighted L_self terms of one batch (names of `losses.SELF_TERMS`).
+
+    Landmark distances are measured in 224-pixel units whatever the model's image size, so the
+    paper's weight keeps its meaning; the contour term needs a real face mask (in-the-wild data).
+    """
+    images, mask = batch["image"], batch["mask"]
+    size = images.shape[-1]
+    photo_mask = out.render_mask * mask
+    landmarks5 = landmarks68_to_5(batch["landmarks"])
+    unit = cv.IMAGE_SIZE / size
+    weights = landmark_weights(dtype=images.dtype, device=images.device) * batch["landmark_weight"]
+    terms = {}
+    for level, render in (("mid", out.render_mid), ("high", out.render_high)):
+        terms[f"photo_{level}"] = photometric_loss(render, images, photo_mask)
+        # the recogniser compares whole crops: paste the face onto the input so only the face differs
+        composite = render * out.render_mask + images * (1 - out.render_mask)
+        terms[f"perceptual_{level}"] = perceptual_loss(recognizer, composite, images, landmarks5)
+    terms["landmark"] = landmark_loss(out.landmarks * unit, batch["landmarks"] * unit, weights)
+    terms["tv"] = tv_loss(out.deformation)
+    terms["reg"] = displacement_l1(out.displacement)
+    if has_face_mask:
+        # the face mask shows the model's front region (no hair band, no border): contour those vertices
+        terms["contour"] = contour_loss(deformation_projection(out)[:, front_vertices], mask[:, 0], image_size=size)
+    if discriminators is not None:
+        terms["adv_mid"] = lsgan_generator_loss(discriminators["mid"](out.deformation))
+        terms["adv_high"] = lsgan_generator_loss(discriminators["high"](out.displacement))
+    return terms
+
+
+def supervised_terms(out: HRNOutput, batch: dict) -> dict[str, torch.Tensor]:
+    """L_super's extra terms: L1 to the ground-truth maps on their masks."""
+    return {"mid": map_l1(out.deformation, batch["deformation"], batch["deformation_mask"]),
+            "high": map_l1(out.displacement, batch["displacement"], batch["displacement_mask"])}
+
+
+# ----------------------------------------------------------------------------------------------
+# the trainer
+
+
+class Trainer:
+    """Holds the model, optimisers, data streams and logs of one run; `run` trains."""
+
+    def __init__(self, config: Config, out: Path, procs: Processes, progress: Progress | None = None, *,
+                 resume: bool = False):
+        self.config, self.out, self.procs, self.progress = config, out, procs, progress
+        self.notes: list[str] = []
+        self.device = resolve_device(config.train.device, procs.local_rank)
+        torch.manual_seed(config.train.seed)  # the same initial weights on every rank
+        self.weights: LossWeights = config.loss.loss_weights()
+        morphable = load_hrn_morphable(config.model)
+        self.hrn = HRN(morphable, config.model).to(self.device)
+        self.train_regressor = not config.model.freeze_regressor
+        self.hrn.regressor.requires_grad_(self.train_regressor)
+        self.recognizer = self._recognizer().to(self.device)
+        template5 = template5_from_model(morphable, config.model.image_size)
+        self._make_streams(template5)
+        self.discriminators = make_discriminators(config.model).to(self.device) if self.lab else None
+        self.model: nn.Module = self.hrn
+        if procs.distributed:
+            ids = [self.device.index] if self.device.type != "cpu" else None
+            # buffers are not broadcast: they hold the morphable model (~100 MB at BFM size) besides
+            # the BatchNorm statistics, which train-mode forwards do not use
+            self.model = DistributedDataParallel(self.hrn, device_ids=ids, broadcast_buffers=False)
+            if self.discriminators is not None:
+                _broadcast_module(self.discriminators)
+        self._make_optimizers()
+        self.step = 0
+        self.metrics_log = MetricsLog(out, fresh=not resume) if procs.main else None
+
+    # --- construction -------------------------------------------------------------------------
+
+    def _note(self, text: str) -> None:
+        self.notes.append(text)
+        LOGGER.warning(text)
+
+    def _recognizer(self) -> FaceRecognizer:
+        path = self.config.loss.recognizer_weights
+        if path is None:
+            self._note("loss.recognizer_weights is null: the perceptual loss uses a small randomly initialised "
+                       "stand-in network, not ArcFace (set it to an arcface_torch backbone.pth for real training)")
+            return FaceRecognizer.small_random(seed=self.config.train.seed)
+        return FaceRecognizer.from_file(path, self.config.loss.recognizer_arch)
+
+    def _make_streams(self, template5: np.ndarray) -> None:
+        data, train, size = self.config.data, self.config.train, self.config.model.image_size
+        wild = wild_dataset(data.wild, template5, size, data.wild_aligned)
+        self.wild = BatchStream(wild, train.batch_size, train.seed, self.procs, data.num_workers, "in-the-wild")
+        self.lab = None
+        if data.lab_root is not None:
+            sizes = (self.config.model.mid_map_size, self.config.model.high_map_size)
+            lab = LabViews(data.lab_root, data.lab_derived, template5, size, split=data.lab_split,
+                           views=data.lab_views, map_sizes=sizes)
+            self.lab = BatchStream(lab, train.batch_size, train.seed + 1, self.procs, data.num_workers, "in-the-lab")
+            LOGGER.info("alternating L_self on %d in-the-wild images and L_super on %d in-the-lab views",
+                        len(wild), len(lab))
+        else:
+            LOGGER.info("no in-the-lab data configured: training with L_self only on %d in-the-wild images "
+                        "(no supervised or adversarial terms)", len(wild))
+
+    def _make_optimizers(self) -> None:
+        o = self.config.optim
+        params = [p for p in self.hrn.parameters() if p.requires_grad]
+        self.opt_g = torch.optim.Adam(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+        self.opt_d = None
+        if self.discriminators is not None:
+            self.opt_d = torch.optim.Adam(self.discriminators.parameters(), lr=o.disc_lr, betas=tuple(o.disc_betas))
+        self.schedulers = [self._scheduler(opt) for opt in (self.opt_g, self.opt_d) if opt is not None]
+
+    def _scheduler(self, optimizer):
+        o = self.config.optim
+        if o.lr_policy == "constant":
+            return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+        every = o.lr_decay_steps or max(1, round(o.lr_decay_epochs * self.wild.batches_per_epoch))
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=every, gamma=o.lr_gamma)
+
+    @property
+    def total_steps(self) -> int:
+        t = self.config.train
+        return t.steps if t.steps is not None else math.ceil(t.epochs * self.wild.batches_per_epoch)
+
+    # --- one step -----------------------------------------------------------------------------
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def _generator_iteration(self, batch: dict, supervised: bool) -> tuple[dict[str, torch.Tensor], dict]:
+        batch = self._to_device(batch)
+        out = self.model(batch["image"], None if supervised else batch["mask"])
+        discriminators = self.discriminators
+        if discriminators is not None:
+            discriminators.requires_grad_(False)  # G's step must not train D
+        terms = generator_terms(out, batch, self.recognizer, self.hrn.mm_front_vertices, has_face_mask=not supervised,
+                                discriminators=discriminators)
+        if supervised:
+            terms.update(supervised_terms(out, batch))
+        total, weighted = (total_super_loss if supervised else total_self_loss)(terms, self.weights)
+        if self.train_regressor:
+            weighted["coeff_reg"] = self.config.loss.coeff_reg * coefficient_regularizer(out.coeffs)
+            weighted["gamma_reg"] = self.config.loss.gamma_reg * gamma_regularizer(out.coeffs)
+            total = total + weighted["coeff_reg"] + weighted["gamma_reg"]
+        self.opt_g.zero_grad(set_to_none=True)
+        total.backward()
+        self.opt_g.step()
+        metrics = {"total": total.detach(), **{k: v.detach() for k, v in weighted.items()}}
+        fakes = {"mid": out.deformation.detach(), "high": out.displacement.detach()}
+        return metrics, fakes
+
+    def _discriminator_iteration(self, lab_batch: dict, fakes: list[dict]) -> dict[str, torch.Tensor]:
+        self.discriminators.requires_grad_(True)
+        losses = {}
+        for name, key in zip(MAP_NAMES, ("deformation", "displacement")):
+            real = (lab_batch[key] * lab_batch[f"{key}_mask"]).to(self.device)
+            fake = torch.cat([f[name] for f in fakes])
+            net = self.discriminators[name]
+            losses[name] = lsgan_discriminator_loss(net(real), net(fake))
+        total = losses["mid"] + losses["high"]
+        self.opt_d.zero_grad(set_to_none=True)
+        total.backward()
+        if self.procs.distributed:
+            _average_gradients(self.discriminators, self.procs.world)
+        self.opt_d.step()
+        return {"total": total.detach(), **{k: v.detach() for k, v in losses.items()}}
+
+    def train_step(self) -> dict[str, torch.Tensor]:
+        """One step: an L_self iteration, then (with lab data) an L_super iteration and a
+        discriminator update on both iterations' maps. Returns detached metrics by name."""
+        self.hrn.train()
+        if not self.train_regressor:
+            self.hrn.regressor.eval()  # a frozen base keeps its BatchNorm statistics
+        metrics = {}
+        self_metrics, fake_self = self._generator_iteration(self.wild.next(), supervised=False)
+        metrics.update({f"self/{k}": v for k, v in self_metrics.items()})
+        if self.lab is not None:
+            lab_batch = self.lab.next()
+            super_metrics, fake_super = self._generator_iteration(lab_batch, supervised=True)
+            metrics.update({f"super/{k}": v for k, v in super_metrics.items()})
+            disc = self._discriminator_iteration(lab_batch, [fake_self, fake_super])
+            metrics.update({f"disc/{k}": v for k, v in disc.items()})
+        for scheduler in self.schedulers:
+            scheduler.step()
+        self.step += 1
+        return metrics
+
+    # --- checkpoints --------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {
+            "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "step": self.step,
+            "config": self.config.to_dict(),
+            "model": self.hrn.state_dict(),
+            "discriminators": None if self.discriminators is None else self.discriminators.state_dict(),
+            "optimizers": {"generator": self.opt_g.state_dict(),
+                           "discriminator": None if self.opt_d is None else self.opt_d.state_dict()},
+            "schedulers": [s.state_dict() for s in self.schedulers],
+            "streams": {"wild": self.wild.state_dict(), "lab": None if self.lab is None else self.lab.state_dict()},
+            "rng": _gather_rng_states(self.procs),
+        }
+
+    def load_state_dict(self, state: dict, where: Path) -> None:
+        saved = state["config"]["model"]
+        if saved != dataclasses.asdict(self.config.model):
+            changed = sorted(k for k in saved if saved[k] != getattr(self.config.model, k, None))
+            raise FileFormatError(where, f"the checkpoint's model section differs from the config's "
+                                         f"({', '.join(changed)}): resume with the same model settings")
+        if (state["discriminators"] is None) != (self.discriminators is None):
+            raise FileFormatError(where, "the checkpoint and the config disagree on in-the-lab data "
+                                         "(discriminators): resume with the same data section")
+        self.hrn.load_state_dict(state["model"])
+        if self.discriminators is not None:
+            self.discriminators.load_state_dict(state["discriminators"])
+            self.opt_d.load_state_dict(state["optimizers"]["discriminator"])
+        self.opt_g.load_state_dict(state["optimizers"]["generator"])
+        for scheduler, saved_state in zip(self.schedulers, state["schedulers"]):
+            scheduler.load_state_dict(saved_state)
+        self.wild.load_state_dict(state["streams"]["wild"])
+        if self.lab is not None:
+            self.lab.load_state_dict(state["streams"]["lab"])
+        self.step = int(state["step"])
+        rng = state["rng"]
+        if len(rng) == self.procs.world:
+            _set_rng_state(rng[self.procs.rank])
+        else:
+            self._note(f"the checkpoint has RNG states of {len(rng)} process(es), this run has {self.procs.world}: "
+                       "random streams restart from the seed (the run is no longer bitwise reproducible)")
+            _seed_everything(self.config.train.seed + 1000 * self.step + self.procs.rank)
+
+    def save_checkpoint(self) -> Path | None:
+        state = self.state_dict()  # every rank takes part in gathering the RNG states
+        if not self.procs.main:
+            return None
+        folder = self.out / CHECKPOINT_DIR
+        path = folder / f"step_{self.step:07d}.pt"
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
+        with atomic_path(folder / LAST_CHECKPOINT) as tmp:
+            _link_or_copy(path, tmp)
+        LOGGER.info("step %d: checkpoint %s", self.step, path)
+        return path
+
+    # --- the loop -----------------------------------------------------------------------------
+
+    def run(self) -> TrainResult:
+        start_step, started = self.step, time.perf_counter()
+        steps = range(self.step, self.total_steps)
+        if self.progress is not None and self.procs.main:
+            steps = self.progress(steps, total=len(steps), desc="hrn train", unit="step")
+        cfg = self.config.train
+        last_checkpoint, last_metrics, window = None, {}, []
+        step_started = time.perf_counter()
+        for _ in steps:
+            window.append(self.train_step())
+            done = self.step == self.total_steps
+            if self.step % cfg.log_every == 0 or done:
+                last_metrics = self._log(window, time.perf_counter() - step_started)
+                window, step_started = [], time.perf_counter()
+            if self.step % cfg.checkpoint_every == 0 or done:
+                last_checkpoint = self.save_checkpoint() or last_checkpoint
+        if start_step == self.total_steps:
+            LOGGER.info("nothing to do: the run is at step %d of %d", self.step, self.total_steps)
+        return TrainResult(out=self.out, start_step=start_step, steps=self.step, last_checkpoint=last_checkpoint,
+                           last_metrics=last_metrics, seconds=time.perf_counter() - started, notes=list(self.notes))
+
+    def _log(self, window: list[dict[str, torch.Tensor]], seconds: float) -> dict[str, float]:
+        """Average the window's metrics over steps and processes, and write them (rank 0)."""
+        names = sorted(window[0])
+        values = torch.stack([torch.stack([m[k].float() for k in names]) for m in window]).mean(0)
+        if self.procs.distributed:
+            dist.all_reduce(values)
+            values /= self.procs.world
+        row = {"step": self.step, "epoch": self.wild.epoch, "lr": self.opt_g.param_groups[0]["lr"],
+               "seconds_per_step": seconds / len(window), **dict(zip(names, values.tolist()))}
+        if self.metrics_log is not None:
+            self.metrics_log.append(row)
+            LOGGER.info("step %d/%d  self %.4f%s  (%.2f s/step)", self.step, self.total_steps, row["self/total"],
+                        f"  super {row['super/total']:.4f}" if "super/total" in row else "", row["seconds_per_step"])
+        return row
+
+
+# ----------------------------------------------------------------------------------------------
+# logs
+
+
+class MetricsLog:
+    """metrics.csv (one row per log, fixed columns from the first row), metrics.jsonl (every key)
+    and loss_curve.png, refreshed at each log."""
+
+    def __init__(self, out: Path, *, fresh: bool = True):
+        self.csv_path, self.jsonl_path, self.png_path = out / METRICS_CSV, out / METRICS_JSONL, out / LOSS_CURVE_PNG
+        self.rows = [] if fresh else _read_jsonl(self.jsonl_path)
+
+    def truncate_after(self, step: int) -> None:
+        """Drop rows logged after ``step`` (a resumed run logs them again)."""
+        self.rows = [r for r in self.rows if r["step"] <= step]
+        self._write()
+
+    def append(self, row: dict) -> None:
+        self.rows.append(row)
+        self._write()
+
+    def _write(self) -> None:
+        with atomic_open(self.jsonl_path) as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in self.rows)
+        if self.rows:
+            columns = list(self.rows[0])
+            for row in self.rows[1:]:
+                columns += [k for k in row if k not in columns]
+            with atomic_open(self.csv_path, newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=columns, restval="")
+                writer.writeheader()
+                writer.writerows(self.rows)
+            plot_loss_curve(self.rows, self.png_path)
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except json.JSONDecodeError as exc:
+        raise FileFormatError(path, f"not a metrics log (JSON lines): {exc}") from None
+
+
+def plot_loss_curve(rows: list[dict], path: Path) -> None:
+    """Totals of L_self, L_super and the discriminators against the step (log scale), as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    try:
+        for key in PLOTTED:
+            points = [(r["step"], r[key]) for r in rows if key in r and r[key] > 0]
+            if points:
+                ax.plot(*zip(*points), marker="." if len(points) < 30 else None, label=key)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.set_yscale("log")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=100)
+    finally:
+        plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# distributed and RNG helpers
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """Make ``target`` hold ``source``'s bytes: a hard link (checkpoints are hundreds of MB), or a
+    copy where the file system has no hard links."""
+    try:
+        target.unlink(missing_ok=True)
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
+def _broadcast_module(module: nn.Module) -> None:
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        dist.broadcast(tensor.data, src=0)
+
+
+def _average_gradients(module: nn.Module, world: int) -> None:
+    for param in module.parameters():
+        if param.grad is not None:
+            dist.all_reduce(param.grad)
+            param.grad /= world
+
+
+def _rng_state() -> dict:
+    """This process's random states as tensors and numbers (loadable with weights_only=True)."""
+    version, state, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    out = {"python": {"version": version, "state": torch.tensor(state, dtype=torch.int64), "gauss": gauss},
+           "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                     "has_gauss": int(has_gauss), "cached": float(cached)},
+           "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def _set_rng_state(state: dict) -> None:
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"].tolist()), p["gauss"]))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _gather_rng_states(procs: Processes) -> list[dict]:
+    own = _rng_state()
+    if not procs.distributed:
+        return [own]
+    states = [None] * procs.world
+    dist.all_gather_object(states, own)
+    return states
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def _process_group(procs: Processes, device: torch.device):
+    """Join the torchrun job for the duration of training (gloo on the CPU, nccl on CUDA)."""
+    if not procs.distributed or dist.is_initialized():
+        yield
+        return
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _attach_log_file(out: Path) -> logging.Handler:
+    handler = logging.FileHandler(out / TRAIN_LOG)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    LOGGER.addHandler(handler)
+    LOGGER.setLevel(logging.INFO)
+    return handler
+
+
+# ----------------------------------------------------------------------------------------------
+# entry point
+
+
+def train(config: Config, out: str | Path | None = None, *, resume: bool = False,
+          progress: Progress | None = None) -> TrainResult:
+    """Train HRN as ``config`` says, writing logs and checkpoints to ``out`` (default
+    ``config.train.out``). With ``resume``, continue exactly from ``out/checkpoints/last.pt``.
+
+    Under torchrun every process calls this; only rank 0 writes files and drives ``progress``.
+    """
+    out = Path(out if out is not None else config.train.out or "")
+    if not str(out) or out == Path():
+        raise InputError("no output folder: pass --out or set train.out in the config")
+    procs = _processes_from_env()
+    device = resolve_device(config.train.device, procs.local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if config.train.deterministic:
+        torch.use_deterministic_algorithms(True)
+    checkpoint = out / CHECKPOINT_DIR / LAST_CHECKPOINT
+    if resume and not checkpoint.is_file():
+        raise FileFormatError(checkpoint, "no checkpoint to resume from (train without --resume first)")
+    if not resume and checkpoint.is_file():
+        raise InputError(f"{out} already holds a run ({checkpoint}): pass --resume to continue it or choose "
+                         "another --out")
+    handler = None
+    if procs.main:
+        out.mkdir(parents=True, exist_ok=True)
+        handler = _attach_log_file(out)
+        with atomic_open(out / CONFIG_COPY) as fh:
+            fh.write(config.to_yaml())
+    try:
+        with _process_group(procs, device):
+            _seed_everything(config.train.seed)
+            trainer = Trainer(config, out, procs, progress, resume=resume)
+            if resume:
+                state = torch.load(checkpoint, map_location=trainer.device, weights_only=True)
+                trainer.load_state_dict(state, checkpoint)
+                if trainer.metrics_log is not None:
+                    trainer.metrics_log.truncate_after(trainer.step)
+                LOGGER.info("resumed from %s at step %d", checkpoint, trainer.step)
+            else:
+                _seed_everything(config.train.seed + procs.rank)  # dropout differs between ranks
+            LOGGER.info("training %d steps on %s with %d process(es)", trainer.total_steps, trainer.device,
+                        procs.world)
+            return trainer.run()
+    finally:
+        if handler is not None:
+            LOGGER.removeHandler(handler)
+            handler.close()
+
+
+def load_checkpoint(path: str | Path, *, map_location="cpu") -> dict:
+    """A checkpoint written by `train`, checked to be one; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileFormatError(path, "no such checkpoint (train one with `hrn train --config FILE --out DIR`; "
+                                    "checkpoints are DIR/checkpoints/*.pt)")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises several unrelated types for corrupt or foreign files
+        raise FileFormatError(path, f"not a readable HRN checkpoint ({exc})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise FileFormatError(path, "not an HRN checkpoint written by `hrn train`")
+    return state

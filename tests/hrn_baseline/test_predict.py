@@ -1,0 +1,166 @@
+"""`hrn predict`: the files, their units, the dense high mesh, the 16-bit PNG maps and the errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from helpers import assert_close
+from PIL import Image
+
+from facehd.errors import FileFormatError, InputError
+from facehd.io import load_mesh
+from facehd.wild import align_to_crop, read_image, read_landmarks, template5_from_model
+from hrn_baseline.cli import main
+from hrn_baseline.predict import (
+    decode_png16,
+    encode_png16,
+    load_model,
+    predict,
+    read_png16,
+    write_png16,
+)
+
+LEVELS = ("coarse", "mid", "high")
+
+
+@pytest.fixture(scope="module")
+def model(tiny_checkpoint):
+    return load_model(tiny_checkpoint, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def predicted(tmp_path_factory, tiny_wild, tiny_checkpoint, model):
+    """Two images predicted in model units and in millimetres."""
+    out = tmp_path_factory.mktemp("pred")
+    images = [tiny_wild / "images" / "000000.png", tiny_wild / "images" / "000001.png"]
+    kwargs = dict(landmarks=tiny_wild / "landmarks", model=model)
+    results = predict(None, images, out / "model", units="model", **kwargs)
+    results_mm = predict(None, images, out / "mm", units="mm", **kwargs)
+    assert all(r.error is None for r in results + results_mm)
+    return out
+
+
+def _header(path) -> str:
+    return "".join(line for line in path.read_text().splitlines(keepends=True) if line.startswith("#"))
+
+
+def test_every_file_is_written_with_its_unit(predicted):
+    folder = predicted / "model" / "000000"
+    for level in LEVELS:
+        for suffix in (".obj", ".mtl", ".png"):
+            assert (folder / f"{level}{suffix}").is_file()
+        assert "# units: model" in _header(folder / f"{level}.obj")
+        assert "# units: mm" in _header(predicted / "mm" / "000000" / f"{level}.obj")
+    for name in ("deformation", "displacement"):
+        assert (folder / f"{name}.npy").is_file() and (folder / f"{name}.png").is_file()
+    sidecar = json.loads((folder / "maps.json").read_text())
+    assert sidecar["units"].startswith("model") and "65535" in sidecar["png16_encoding"]
+    assert json.loads((predicted / "mm" / "000000" / "maps.json").read_text())["units"] == "mm"
+    coeffs = np.load(folder / "coeffs.npz")
+    assert coeffs["coeffs"].shape == (257,) and str(coeffs["units"]).startswith("model")
+    assert str(np.load(predicted / "mm" / "000000" / "coeffs.npz")["units"]) == "mm"
+
+
+def test_millimetres_are_model_units_times_100(predicted):
+    for level in LEVELS:
+        a = load_mesh(predicted / "model" / "000001" / f"{level}.obj")
+        b = load_mesh(predicted / "mm" / "000001" / f"{level}.obj")
+        assert_close(b.vertices, a.vertices * 100, atol=1e-9, rtol=1e-9, msg=level)
+    for name in ("deformation", "displacement"):
+        a = np.load(predicted / "model" / "000001" / f"{name}.npy")
+        b = np.load(predicted / "mm" / "000001" / f"{name}.npy")
+        assert_close(b, a.astype(np.float64) * 100, atol=1e-6, rtol=1e-5, msg=name)
+    ca, cb = np.load(predicted / "model" / "000001" / "coeffs.npz"), np.load(predicted / "mm" / "000001" / "coeffs.npz")
+    assert_close(cb["trans"], ca["trans"] * 100, atol=1e-9)
+    assert_close(cb["coeffs"], ca["coeffs"], atol=0)  # the raw 257-vector keeps the model convention
+
+
+def test_meshes_match_the_forward_pass(predicted, tiny_wild, model):
+    """mid.obj is M1, high.obj the used texels of the dense grid, both with UVs and the texture."""
+    image = read_image(tiny_wild / "images" / "000000.png")
+    landmarks = read_landmarks(tiny_wild / "landmarks" / "000000.txt")
+    crop = align_to_crop(image, landmarks, None, template5_from_model(model.morphable, 64), 64)
+    with torch.no_grad():
+        out = model(crop.image[None])
+    mid = load_mesh(predicted / "model" / "000000" / "mid.obj", load_texture=True)
+    assert_close(mid.vertices, out.shape_mid[0], atol=1e-6)
+    np.testing.assert_array_equal(mid.faces, model.morphable.faces.numpy())
+    assert mid.uvs is not None and mid.texture.shape == (32, 32, 3)
+    high = load_mesh(predicted / "model" / "000000" / "high.obj")
+    uvs, faces, index = model.dense_mesh()
+    assert high.n_vertices == len(index) and high.n_faces == len(faces) == 2 * 31 * 31
+    assert_close(high.vertices, out.dense_vertices[0][index], atol=1e-6)
+    assert_close(high.uvs, uvs, atol=1e-7)
+    # the winding points the dense mesh's normals out of the face, like the coarse mesh's
+    v, f = high.vertices, high.faces
+    normals = np.cross(v[f[:, 0]] - v[f[:, 1]], v[f[:, 1]] - v[f[:, 2]])
+    assert normals[:, 2].mean() > 0
+
+
+def test_png_maps_decode_to_the_npy_values(predicted):
+    folder = predicted / "mm" / "000001"
+    sidecar = json.loads((folder / "maps.json").read_text())
+    for name, channels in (("deformation", 3), ("displacement", 1)):
+        values = np.load(folder / f"{name}.npy").astype(np.float64)
+        pixels = read_png16(folder / f"{name}.png")
+        assert pixels.dtype == np.uint16
+        pixels = pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
+        scale = sidecar["maps"][name]["scale"]
+        assert_close(decode_png16(pixels, scale), values, atol=scale / 65535 + 1e-9)
+
+
+def test_png16_round_trip_agrees_with_pillow(tmp_path):
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 65536, (5, 7), dtype=np.uint16)
+    rgb = rng.integers(0, 65536, (4, 6, 3), dtype=np.uint16)
+    write_png16(tmp_path / "grey.png", grey)
+    write_png16(tmp_path / "rgb.png", rgb)
+    np.testing.assert_array_equal(read_png16(tmp_path / "grey.png"), grey)
+    np.testing.assert_array_equal(read_png16(tmp_path / "rgb.png"), rgb)
+    with Image.open(tmp_path / "grey.png") as im:  # an independent decoder
+        np.testing.assert_array_equal(np.asarray(im).astype(np.uint16), grey)
+    with Image.open(tmp_path / "rgb.png") as im:  # Pillow reduces 16-bit RGB to its high bytes
+        np.testing.assert_array_equal(np.asarray(im.convert("RGB")), (rgb >> 8).astype(np.uint8))
+    values = rng.normal(size=(3, 4, 4))
+    pixels, scale = encode_png16(values)
+    assert_close(decode_png16(pixels, scale), values, atol=scale / 65535)
+
+
+def test_pre_cropped_images_need_no_landmarks_and_bad_images_are_reported(tmp_path, tiny_wild, model):
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(images / "cropped.png")
+    shutil.copy(tiny_wild / "images" / "000002.png", images / "uncropped.png")  # 96 px, no landmarks
+    (images / "broken.png").write_bytes(b"not a png")
+    results = {r.name: r for r in predict(None, [images], tmp_path / "out", model=model)}
+    assert results["cropped"].error is None and (tmp_path / "out" / "cropped" / "high.obj").is_file()
+    assert "give --landmarks" in results["uncropped"].error
+    assert "broken.png" in results["broken"].error
+    assert not (tmp_path / "out" / "uncropped").exists()
+
+
+def test_errors_name_what_to_do(tmp_path):
+    with pytest.raises(InputError, match="hrn train"):
+        load_model(None)
+    with pytest.raises(FileFormatError, match="no such checkpoint"):
+        load_model(tmp_path / "missing.pt")
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "foreign.pt")
+    with pytest.raises(FileFormatError, match="not an HRN checkpoint"):
+        load_model(tmp_path / "foreign.pt")
+
+
+def test_cli_predict(tmp_path, tiny_wild, tiny_checkpoint):
+    runner = CliRunner()
+    result = runner.invoke(main, ["predict", "--checkpoint", str(tiny_checkpoint), "--images",
+                                  str(tiny_wild / "images" / "000003.png"), "--landmarks", str(tiny_wild / "landmarks"),
+                                  "--out", str(tmp_path / "out"), "--units", "mm"])
+    assert result.exit_code == 0, result.output
+    assert "1 of 1 images reconstructed (mm units)" in result.output
+    assert "# units: mm" in _header(tmp_path / "out" / "000003" / "high.obj")
+    missing = runner.invoke(main, ["predict", "--images", str(tiny_wild / "images"), "--out", str(tmp_path / "o2")])
+    assert missing.exit_code == 1 and "hrn train" in missing.output

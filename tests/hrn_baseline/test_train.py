@@ -1,0 +1,211 @@
+"""`hrn train`: the YAML config, the alternating iterations, logs, checkpoints, bitwise resume,
+torchrun DDP, and that a small HRN learns on synthetic data (held-out landmark and shape errors)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from hrn_factory import tiny_config, tiny_model_config
+
+from facehd.errors import FileFormatError, InputError
+from facehd.wild import template5_from_model
+from hrn_baseline.cli import main
+from hrn_baseline.config import Config, LossConfig, load_config
+from hrn_baseline.data import LabViews, wild_dataset
+from hrn_baseline.losses import LossWeights
+from hrn_baseline.model import load_hrn_morphable
+from hrn_baseline.train import BatchStream, Processes, Trainer, load_checkpoint, train
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+# ----------------------------------------------------------------------------------------------
+# config
+
+
+def test_default_config_file_holds_the_paper_defaults():
+    config = load_config(CONFIGS / "hrn_default.yaml")
+    defaults = Config()
+    assert config.model == defaults.model and config.optim == defaults.optim
+    assert config.train == defaults.train and config.loss == defaults.loss
+    assert config.loss.loss_weights() == LossWeights()  # the supplement's lambdas
+    assert (config.optim.lr, config.optim.disc_lr, config.optim.disc_betas) == (1e-4, 2e-4, [0.5, 0.999])
+    assert config.data.wild == [str((CONFIGS / "../data/wild").resolve())]  # relative to the file
+
+
+def test_tiny_cpu_config_is_small():
+    config = load_config(CONFIGS / "hrn_tiny_cpu.yaml")
+    assert config.model.backbone == "resnet18" and config.model.image_size == 112
+    assert config.loss.loss_weights().landmark == pytest.approx(1.6e-3)
+
+
+def test_loss_presets_and_overrides():
+    assert LossConfig(preset="public_code").loss_weights() == LossWeights.public_code()
+    weights = LossConfig(preset="public_code", weights={"tv": 1.0}).loss_weights()
+    assert (weights.tv, weights.landmark, weights.adversarial) == (1.0, 1.6e-3, 1.0)
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("model: {backbone_size: 3}", "unknown key(s) model.backbone_size"),
+    ("train: {steps: many}", "train.steps must be an integer"),
+    ("loss: {preset: fancy}", "loss.preset"),
+    ("loss: {weights: {wrinkles: 1}}", "unknown term(s) wrinkles"),
+    ("data: {wild: []}", "data.wild lists no"),
+    ("data: {wild: [w], lab_root: lab}", "lab_derived go together"),
+    ("- just a list", "must be a mapping"),
+])
+def test_config_errors_name_the_file_and_the_key(tmp_path, text, problem):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text + ("\ndata: {wild: [w]}" if "data" not in text and "list" not in text else ""))
+    with pytest.raises(FileFormatError) as info:
+        load_config(path)
+    assert str(path) in str(info.value) and problem in str(info.value)
+
+
+def test_config_round_trips_through_yaml(tmp_path):
+    config = Config.from_dict({"data": {"wild": ["a"]}, "optim": {"lr": "1e-3"}}, base_dir=tmp_path)
+    assert config.optim.lr == 1e-3 and config.data.wild == [str(tmp_path / "a")]
+    again = Config.from_dict(yaml.safe_load(config.to_yaml()))
+    assert again == config
+
+
+# ----------------------------------------------------------------------------------------------
+# data
+
+
+def test_batch_stream_resumes_in_the_same_order(tiny_wild):
+    morphable = load_hrn_morphable(tiny_model_config())
+    data = wild_dataset([tiny_wild], template5_from_model(morphable, 64), 64)
+    first = BatchStream(data, 5, seed=3, procs=Processes())
+    names = [first.next()["name"] for _ in range(3)]  # 2 batches per epoch: crosses into epoch 1
+    second = BatchStream(data, 5, seed=3, procs=Processes())
+    second.load_state_dict({"epoch": 0, "position": 1})
+    assert [second.next()["name"] for _ in range(2)] == names[1:]
+    assert first.epoch == 1 and sorted(sum(names[:2], [])) == sorted(set(sum(names[:2], [])))
+    # two ranks split each epoch between them
+    halves = [BatchStream(data, 3, seed=3, procs=Processes(rank, 2)).next()["name"] for rank in (0, 1)]
+    assert not set(halves[0]) & set(halves[1])
+    with pytest.raises(InputError, match="fewer than batch_size"):
+        BatchStream(data, 13, seed=0, procs=Processes())
+
+
+def test_lab_views_align_images_and_carry_gt_maps(tiny_lab):
+    root, derived = tiny_lab
+    morphable = load_hrn_morphable(tiny_model_config())
+    views = LabViews(root, derived, template5_from_model(morphable, 64), 64, split=None, map_sizes=(16, 32))
+    assert len(views) == 4  # 2 captures x views 0 and 4 have GT maps
+    item = views[0]
+    assert item["image"].shape == (3, 64, 64) and item["landmarks"].shape == (68, 2)
+    assert item["deformation"].shape == (3, 16, 16) and item["displacement_mask"].shape == (1, 32, 32)
+    assert item["landmark_weight"].eq(1).all() and item["name"] == "S001/neutral/cam0"
+
+
+# ----------------------------------------------------------------------------------------------
+# training runs
+
+
+def _parameters(path: Path) -> dict[str, torch.Tensor]:
+    state = load_checkpoint(path)
+    return {**{f"hrn.{k}": v for k, v in state["model"].items()},
+            **{f"disc.{k}": v for k, v in (state["discriminators"] or {}).items()}}
+
+
+def test_resume_is_exact(tmp_path, tiny_wild, tiny_lab):
+    """2N steps straight equal N steps, a resume, and N more, bit for bit (L_self, L_super and the
+    discriminators, dropout included; deterministic algorithms on the CPU)."""
+    straight = train(tiny_config(tmp_path / "straight", tiny_wild, tiny_lab, steps=4, checkpoint_every=4,
+                                 deterministic=True))
+    train(tiny_config(tmp_path / "split", tiny_wild, tiny_lab, steps=2, checkpoint_every=2, deterministic=True))
+    resumed = train(tiny_config(tmp_path / "split", tiny_wild, tiny_lab, steps=4, checkpoint_every=2,
+                                deterministic=True), resume=True)
+    assert resumed.start_step == 2 and resumed.steps == 4
+    a, b = _parameters(straight.last_checkpoint), _parameters(resumed.last_checkpoint)
+    assert a.keys() == b.keys() and any(k.startswith("disc.") for k in a)
+    changed = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not changed, f"{len(changed)} tensors differ, e.g. {changed[:3]}"
+    first = load_checkpoint(tmp_path / "split" / "checkpoints" / "step_0000002.pt")
+    last = load_checkpoint(resumed.last_checkpoint)["model"]
+    assert any(not torch.equal(first["model"][k], v) for k, v in last.items())
+    # the resumed run's logs continue the first one's without duplicates
+    rows = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and "super/mid" in rows[-1] and "disc/total" in rows[-1]
+    straight_rows = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["self/total"] == straight_rows[-1]["self/total"]
+    torch.use_deterministic_algorithms(False)
+
+
+def test_a_run_writes_logs_and_checkpoints_and_refuses_to_overwrite(tmp_path, tiny_wild):
+    out = tmp_path / "run"
+    result = train(tiny_config(out, tiny_wild, steps=3, log_every=2, checkpoint_every=2))
+    assert result.steps == 3 and result.last_checkpoint == out / "checkpoints" / "step_0000003.pt"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last.pt", "step_0000002.pt",
+                                                                      "step_0000003.pt"]
+    header = (out / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert header[:4] == ["step", "epoch", "lr", "seconds_per_step"] and "self/photo_mid" in header
+    assert [json.loads(r)["step"] for r in (out / "metrics.jsonl").read_text().splitlines()] == [2, 3]
+    assert (out / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
+    log = (out / "train.log").read_text()
+    assert "L_self only" in log and "recognizer_weights is null" in log
+    assert any("random" in note for note in result.notes)
+    state = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert state["step"] == 3 and Config.from_dict(state["config"]).model == tiny_model_config()
+    assert {"python", "numpy", "torch"} <= set(state["rng"][0]) and state["optimizers"]["generator"]["state"]
+    with pytest.raises(InputError, match="--resume"):
+        train(tiny_config(out, tiny_wild, steps=3))
+    with pytest.raises(FileFormatError, match="no checkpoint to resume"):
+        train(tiny_config(tmp_path / "empty", tiny_wild), resume=True)
+    changed = tiny_config(out, tiny_wild, steps=4)
+    changed.model = dataclasses.replace(changed.model, mid_ngf=8)
+    with pytest.raises(FileFormatError, match="mid_ngf"):
+        train(changed, resume=True)
+
+
+def test_learning_rate_follows_the_step_schedule(tmp_path, tiny_wild):
+    config = tiny_config(tmp_path / "lr", tiny_wild, steps=4)
+    trainer = Trainer(config, tmp_path / "lr", Processes())
+    rates = []
+    for _ in range(4):
+        trainer.train_step()
+        rates.append(trainer.opt_g.param_groups[0]["lr"])
+    assert rates == pytest.approx([1e-4, 1e-4, 2e-5, 2e-5])  # x0.2 every lr_decay_steps = 3 (after step 3)
+
+
+def test_cli_train(tmp_path, tiny_wild):
+    config = tiny_config(tmp_path / "unused", tiny_wild, steps=1)
+    path = tmp_path / "config.yaml"
+    path.write_text(config.to_yaml())
+    result = CliRunner().invoke(main, ["train", "--config", str(path), "--out", str(tmp_path / "cli")])
+    assert result.exit_code == 0, result.output
+    assert "trained steps 0..1" in result.output and (tmp_path / "cli" / "checkpoints" / "last.pt").is_file()
+    again = CliRunner().invoke(main, ["train", "--config", str(path), "--out", str(tmp_path / "cli")])
+    assert again.exit_code == 1 and "--resume" in again.output
+
+
+def test_torchrun_trains_with_two_processes(tmp_path, tiny_wild):
+    torchrun = shutil.which("torchrun") or (Path(sys.executable).parent / "torchrun")
+    if not Path(torchrun).is_file():
+        pytest.skip("torchrun is not installed beside this Python")
+    config = tiny_config(tmp_path / "ddp", tiny_wild, steps=2, batch_size=2)
+    path = tmp_path / "config.yaml"
+    path.write_text(config.to_yaml())
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--standalone", "-m", "hrn_baseline.cli", "train",
+                           "--config", str(path)], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("trained steps 0..2") == 1  # rank 0 only
+    out = tmp_path / "ddp"
+    log = (out / "train.log").read_text()
+    assert "with 2 process(es)" in log
+    state = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert state["step"] == 2 and len(state["rng"]) == 2  # both ranks' random states
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
