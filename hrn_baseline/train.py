@@ -660,8 +660,6 @@ def train(config: Config, out: str | Path | None = None, *, resume: bool = False
     device = resolve_device(config.train.device, procs.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if config.train.deterministic:
-        torch.use_deterministic_algorithms(True)
     checkpoint = out / CHECKPOINT_DIR / LAST_CHECKPOINT
     if resume and not checkpoint.is_file():
         raise FileFormatError(checkpoint, "no checkpoint to resume from (train without --resume first)")
@@ -674,6 +672,9 @@ def train(config: Config, out: str | Path | None = None, *, resume: bool = False
         handler = _attach_log_file(out)
         with atomic_open(out / CONFIG_COPY) as fh:
             fh.write(config.to_yaml())
+    deterministic_before = torch.are_deterministic_algorithms_enabled()
+    if config.train.deterministic:
+        torch.use_deterministic_algorithms(True)
     try:
         with _process_group(procs, device):
             _seed_everything(config.train.seed)
@@ -690,6 +691,7 @@ def train(config: Config, out: str | Path | None = None, *, resume: bool = False
                         procs.world)
             return trainer.run()
     finally:
+        torch.use_deterministic_algorithms(deterministic_before)
         if handler is not None:
             LOGGER.removeHandler(handler)
             handler.close()

@@ -9,21 +9,28 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
 from click.testing import CliRunner
 from hrn_factory import tiny_config, tiny_model_config
 
+from facehd import conventions as cv
+from facehd.distance import point_to_surface
 from facehd.errors import FileFormatError, InputError
+from facehd.procrustes import fit_similarity
+from facehd.synth.wild import generate_wild, read_truth, truth_path
 from facehd.wild import template5_from_model
 from hrn_baseline.cli import main
-from hrn_baseline.config import Config, LossConfig, load_config
+from hrn_baseline.config import Config, LossConfig, ModelConfig, load_config
 from hrn_baseline.data import LabViews, wild_dataset
 from hrn_baseline.losses import LossWeights
-from hrn_baseline.model import load_hrn_morphable
+from hrn_baseline.model import HRN, load_hrn_morphable
+from hrn_baseline.predict import load_model
 from hrn_baseline.train import BatchStream, Processes, Trainer, load_checkpoint, train
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -46,7 +53,7 @@ def test_default_config_file_holds_the_paper_defaults():
 def test_tiny_cpu_config_is_small():
     config = load_config(CONFIGS / "hrn_tiny_cpu.yaml")
     assert config.model.backbone == "resnet18" and config.model.image_size == 112
-    assert config.loss.loss_weights().landmark == pytest.approx(1.6e-3)
+    assert config.loss.loss_weights().landmark == pytest.approx(1e-2)
 
 
 def test_loss_presets_and_overrides():
@@ -141,7 +148,7 @@ def test_resume_is_exact(tmp_path, tiny_wild, tiny_lab):
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and "super/mid" in rows[-1] and "disc/total" in rows[-1]
     straight_rows = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["self/total"] == straight_rows[-1]["self/total"]
-    torch.use_deterministic_algorithms(False)
+    assert not torch.are_deterministic_algorithms_enabled()  # train() restores the global setting
 
 
 def test_a_run_writes_logs_and_checkpoints_and_refuses_to_overwrite(tmp_path, tiny_wild):
@@ -209,3 +216,74 @@ def test_torchrun_trains_with_two_processes(tmp_path, tiny_wild):
     state = load_checkpoint(out / "checkpoints" / "last.pt")
     assert state["step"] == 2 and len(state["rng"]) == 2  # both ranks' random states
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# it learns
+
+
+# A small HRN on 64-pixel crops of SynthBFM-32 faces: about 0.3 s per step on two idle cores.
+LEARN_MODEL = dict(synth_resolution=32, image_size=64, mid_map_size=16, high_map_size=32, mid_ngf=4, high_ngf=4,
+                   mid_blocks=1, high_blocks=1)
+LEARN_IMAGES, LEARN_HELD_OUT, LEARN_SOURCE_PIXELS = 512, 32, 128
+LEARN_STEPS, LEARN_BATCH, LEARN_LR, LEARN_DECAY_STEPS = 400, 16, 3e-4, 300
+# The held-out landmark error falls to about half in these 400 steps (~2 min on two idle cores).
+# The shape error does not fall clearly in this budget: it is dominated by the identity, which needs
+# sub-pixel landmark precision that a from-scratch ResNet-18 on 64-pixel crops reaches much later
+# (HRN itself starts from a pretrained base). Even regressing the true id / exp coefficients with
+# direct supervision moves it only to 90-96% in 400 steps, and self-supervised runs plateau near
+# 92% by 1,100 steps. So the shape bound here is a guard: learning the pose must not bend the
+# identity or the deformation away from the truth (an early version, whose contour term reached
+# the identity, doubled the shape error).
+LANDMARK_FRACTION, SHAPE_GUARD = 0.7, 1.1
+# The regressor learns from scratch here (HRN starts from a pretrained, frozen Deep3DFaceRecon base),
+# so the landmark term gets more weight than the supplement's 1.6e-4 to find the pose quickly.
+LEARN_LANDMARK_WEIGHT = 1e-2
+
+
+def held_out_errors(model, root: Path) -> tuple[float, float, float]:
+    """Over a folder with ground truth: the mean landmark error in pixels of a 224 crop (whatever the
+    model's size), and the mean point-to-surface distance in mm from each truth shape's front-region
+    vertices to the predicted mid mesh M1 (both before pose, in model space), taken directly and
+    after a similarity alignment of the prediction's front region onto the truth's (which removes
+    the scale that perspective leaves ambiguous)."""
+    morphable = model.morphable
+    size = model.image_size
+    data = wild_dataset([root], template5_from_model(morphable, size), size)
+    batch = torch.utils.data.default_collate([data[i] for i in range(len(data))])
+    model.eval()
+    with torch.no_grad():
+        out = model(batch["image"], batch["mask"])
+    landmark_px = float((out.landmarks - batch["landmarks"]).norm(dim=-1).mean()) * cv.IMAGE_SIZE / size
+    front, faces = morphable.front_vertices.cpu().numpy(), morphable.faces.cpu().numpy()
+    direct, aligned = [], []
+    for b, name in enumerate(batch["name"]):
+        truth = read_truth(truth_path(root, name)).shape.astype(np.float64)
+        predicted = out.shape_mid[b].double().cpu().numpy()
+        direct.append(point_to_surface(truth[front], predicted, faces).mean() * cv.MM_PER_MODEL_UNIT)
+        moved = fit_similarity(predicted[front], truth[front]).apply(predicted)
+        aligned.append(point_to_surface(truth[front], moved, faces).mean() * cv.MM_PER_MODEL_UNIT)
+    return landmark_px, float(np.mean(direct)), float(np.mean(aligned))
+
+
+def test_small_hrn_learns_on_synthetic_faces(tmp_path, record_property):
+    model_config = ModelConfig.small(**LEARN_MODEL)
+    morphable = load_hrn_morphable(model_config)
+    generate_wild(tmp_path / "train", LEARN_IMAGES, model=morphable, image_size=LEARN_SOURCE_PIXELS, seed=0)
+    generate_wild(tmp_path / "held_out", LEARN_HELD_OUT, model=morphable, image_size=LEARN_SOURCE_PIXELS, seed=1)
+    config = Config(data=dataclasses.replace(Config().data, wild=[str(tmp_path / "train")]), model=model_config,
+                    loss=LossConfig(weights={"landmark": LEARN_LANDMARK_WEIGHT}),
+                    optim=dataclasses.replace(Config().optim, lr=LEARN_LR, lr_decay_steps=LEARN_DECAY_STEPS),
+                    train=dataclasses.replace(Config().train, steps=LEARN_STEPS, batch_size=LEARN_BATCH, log_every=50,
+                                              checkpoint_every=LEARN_STEPS, device="cpu")).validate()
+    # at initialisation the zero heads predict the mean face, frontal, whatever the backbone's weights
+    before = held_out_errors(HRN(morphable, model_config), tmp_path / "held_out")
+    started = time.perf_counter()
+    result = train(config, tmp_path / "run")
+    after = held_out_errors(load_model(result.last_checkpoint, device="cpu"), tmp_path / "held_out")
+    for name, first, last in zip(("landmark_px", "shape_mm", "aligned_shape_mm"), before, after):
+        record_property(name, f"{first:.3f} -> {last:.3f} ({last / first:.0%})")
+    record_property("train_seconds", round(time.perf_counter() - started, 1))
+    assert after[0] <= LANDMARK_FRACTION * before[0], f"held-out landmark error {before[0]:.2f} -> {after[0]:.2f} px"
+    for k, what in ((1, "shape error"), (2, "similarity-aligned shape error")):
+        assert after[k] <= SHAPE_GUARD * before[k], f"held-out {what} {before[k]:.3f} -> {after[k]:.3f} mm"
