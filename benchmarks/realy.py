@@ -24,7 +24,8 @@ from benchmarks.published import REALY_PUBLISHED, REALY_SOURCE
 from facehd.distance import SurfaceIndex
 from facehd.errors import FaceHDError, FileFormatError, InputError
 from facehd.fsutil import atomic_open
-from facehd.nicp import BlockCholesky, mesh_edges, single_threaded_blas
+from facehd.nicp import mesh_edges
+from facehd.sparse_cholesky import block_cholesky, single_threaded_blas
 
 # --- the protocol's constants (REALY main.py, utils/util.py, utils/rICP.py) ------------------------
 
@@ -74,6 +75,9 @@ NICP_MIN_THRESHOLD = 1.0  # a vertex is used when its NN distance < max(2 x mean
 NICP_THRESHOLD_FACTOR = 2.0
 # REALY's cheek loop has no step limit; one that has not converged after this many solves is an error.
 NICP_SAFETY_MAX_STEPS = 1000
+# the sparse Cholesky of the bICP solves (facehd.sparse_cholesky): CHOLMOD when available; the same
+# numbers either way (to ~1e-12), `benchmarks.speed_realy --backend` compares their speed
+CHOLESKY_BACKEND = "auto"
 
 _PREDICTION_NAME = re.compile(r"^(\d+)(?:_(\d+))?$")
 
@@ -504,8 +508,8 @@ class _NicpSystem:
     REALY solves min |alpha kron(M, G) X|^2 + |W (D X - B)|^2 for the (4N, 3) per-vertex affines X
     (M: edge-vertex incidence, D: the current homogeneous vertices) by Cholesky of the normal matrix
     alpha^2 kron(M^T M, G^2) + D^T W^2 D. That matrix has one 4x4 block per vertex and the same block
-    -alpha^2 G^2 per edge, which is what facehd.nicp's nested-dissection block Cholesky factors; its
-    symbolic analysis depends only on the mesh, so it is done once per GT region and reused.
+    -alpha^2 G^2 per edge, which is what facehd.sparse_cholesky factors; its symbolic analysis depends
+    only on the mesh, so it is done once per GT region and reused.
     """
 
     def __init__(self, vertices: np.ndarray, faces: np.ndarray):
@@ -513,7 +517,7 @@ class _NicpSystem:
         if len(self.edges) == 0:
             raise InputError("the GT region has no edges")
         self.degree = np.bincount(self.edges.ravel(), minlength=len(vertices)).astype(np.float64)
-        self.cholesky = BlockCholesky(vertices, self.edges)
+        self.cholesky = block_cholesky(vertices, self.edges, backend=CHOLESKY_BACKEND)
 
     def solve(self, alpha: float, stiffness: Sequence[float], homogeneous: np.ndarray, weights: np.ndarray,
               weighted_targets: np.ndarray) -> np.ndarray:
@@ -619,9 +623,7 @@ def realy_nicp(region: RegionMesh, targets, *, keypoint_index=None, keypoint_tar
                 else:
                     weights, weighted = weights + kp_weight, weighted + kp_weight[:, None] * kp_goal
             homogeneous = np.column_stack([current, np.ones(len(current))])
-            with single_threaded_blas():
-                x = system.solve(alpha, keypoint_stiffness if first_stage else stiffness, homogeneous, weights,
-                                 weighted)
+            x = system.solve(alpha, keypoint_stiffness if first_stage else stiffness, homogeneous, weights, weighted)
             current = np.einsum("na,nac->nc", homogeneous, x)
             step += 1
             count += 1
@@ -756,20 +758,21 @@ def evaluate_prediction(vertices, faces, subject: RealySubject, template: Templa
             raise InputError(f"{source}: template mask has {len(template_mask)} values for {len(vertices)} vertices")
         eval_index = SurfaceIndex(aligned, faces[template_mask[faces].all(axis=1)])
     regions = {}
-    for name in REGIONS:
-        gt = subject.regions[name]
-        ricp_kp = list(RICP_KEYPOINTS[name])
-        icp = region_icp(icp_index, gt.vertices, aligned_keypoints[ricp_kp], subject.keypoints[ricp_kp], name)
-        bicp_kp = BICP_KEYPOINTS[name]
-        pred_kp = None if bicp_kp is None else icp.transform.apply(aligned_keypoints[list(bicp_kp)])
-        gt_kp = None if bicp_kp is None else subject.keypoints[list(bicp_kp)]
-        try:
-            per_vertex, steps = _region_error(eval_index, icp.transform, gt, pred_kp, gt_kp)
-        except InputError as exc:
-            raise InputError(f"subject {subject.subject_id}, region {name}: {exc}") from exc
-        error = float(per_vertex.mean())
-        regions[name] = RegionEvaluation(name, error, error * subject.metrical_scale, icp, steps,
-                                         per_vertex * subject.metrical_scale, gt)
+    with single_threaded_blas():  # many small dense kernels: BLAS threads only contend
+        for name in REGIONS:
+            gt = subject.regions[name]
+            ricp_kp = list(RICP_KEYPOINTS[name])
+            icp = region_icp(icp_index, gt.vertices, aligned_keypoints[ricp_kp], subject.keypoints[ricp_kp], name)
+            bicp_kp = BICP_KEYPOINTS[name]
+            pred_kp = None if bicp_kp is None else icp.transform.apply(aligned_keypoints[list(bicp_kp)])
+            gt_kp = None if bicp_kp is None else subject.keypoints[list(bicp_kp)]
+            try:
+                per_vertex, steps = _region_error(eval_index, icp.transform, gt, pred_kp, gt_kp)
+            except InputError as exc:
+                raise InputError(f"subject {subject.subject_id}, region {name}: {exc}") from exc
+            error = float(per_vertex.mean())
+            regions[name] = RegionEvaluation(name, error, error * subject.metrical_scale, icp, steps,
+                                             per_vertex * subject.metrical_scale, gt)
     return PredictionEvaluation(gicp, regions)
 
 

@@ -1,7 +1,7 @@
 """Speed of the REALY evaluation per prediction on GT regions of about 20k vertices in total (issue 5:
 at most 1 s on 2 cores; REALY's own code takes about 5 s there), with the time split by stage.
 
-Run: `python -m benchmarks.speed_realy [--resolution 96] [--predictions 4] [--workers 1,2]`.
+Run: `python -m benchmarks.speed_realy [--resolution 96] [--predictions 4] [--workers 1,2] [--backend B]`.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
+
+from facehd.sparse_cholesky import BACKENDS, cholmod_available, single_threaded_blas
 
 BUDGET_S = 1.0  # issue 5: at most 1 s per prediction for ~20k GT-region vertices on 2 cores
 REALY_REFERENCE_S = 5.0  # REALY's own evaluation code on the same size (issue 5)
@@ -77,13 +79,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resolution", type=int, default=96, help="SynthBFM grid (96: ~19k GT-region vertices)")
     parser.add_argument("--predictions", type=int, default=4, help="predictions timed per setting")
     parser.add_argument("--workers", default="1,2", help="comma-separated process counts for the throughput")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto",
+                        help="sparse Cholesky of the bICP solves (auto: CHOLMOD when cvxopt imports)")
     args = parser.parse_args(argv)
+    from benchmarks import realy
+
+    realy.CHOLESKY_BACKEND = args.backend  # read when a GT region's system is first built (workers fork)
+    backend = args.backend if args.backend != "auto" else "cholmod" if cholmod_available() else "nested-dissection"
 
     start = time.perf_counter()
     case = synthetic_case(args.resolution, subdivisions=SUBDIVISIONS)
     sizes = {name: len(region.vertices) for name, region in case.subject.regions.items()}
     print(f"REALY speed: SynthBFM {args.resolution} template ({len(case.vertices)} vertices), GT regions "
-          f"{sizes} = {sum(sizes.values())} vertices; {os.cpu_count()} CPUs "
+          f"{sizes} = {sum(sizes.values())} vertices; {os.cpu_count()} CPUs; {backend} Cholesky "
           f"(case built in {time.perf_counter() - start:.1f} s)")
     predictions = [make_prediction(case.vertices, seed) for seed in range(args.predictions)]
 
@@ -91,7 +99,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"  first prediction of a subject (analyses the GT regions once): {cold:6.2f} s")
     warm = [_evaluate(case, p)[1] for p in predictions[1:]] or [cold]
     print(f"  next predictions, one process: {np.mean(warm):6.2f} s each (min {min(warm):.2f})")
-    for stage, seconds in _stage_split(case, predictions[-1]).items():
+    with single_threaded_blas():  # as evaluate_prediction runs its stages
+        split = _stage_split(case, predictions[-1])
+    for stage, seconds in split.items():
         print(f"    {stage:<45} {seconds:6.3f} s")
     print("  errors of the first prediction (mm): "
           + ", ".join(f"{k} {v:.3f}" for k, v in evaluation.errors_mm.items()))

@@ -3,28 +3,15 @@ onto a target under a decreasing stiffness schedule, as used by the MICC registr
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
-import scipy.sparse as sp
-from scipy.linalg.blas import dtrsm
-from scipy.linalg.lapack import dpotrf
-from threadpoolctl import threadpool_limits
 
 from facehd.distance import SurfaceIndex, as_faces, as_points, face_normals_np, vertex_normals_np
 from facehd.errors import InputError
-
-
-@contextlib.contextmanager
-def single_threaded_blas():
-    """Run the block with BLAS on one thread. The sparse factorizations here are many small dense
-    blocks that threads do not speed up, and on shared cores OpenBLAS's spinning threads slowed them
-    down up to 100x (0.1 s -> 10 s per factorization measured on 2 loaded cores)."""
-    with threadpool_limits(limits=1, user_api="blas"):
-        yield
+from facehd.sparse_cholesky import HOMOGENEOUS, block_cholesky, single_threaded_blas
 
 # menpo3d's non-rigid ICP schedule (its first five steps); the weights are meant for a source scaled to
 # a unit bounding-box diagonal, which `normalize=True` does, so they do not depend on the mesh units.
@@ -39,9 +26,6 @@ DEFAULT_TOL = 1e-3
 # which is why fixed targets still get a second (cheap: same factorization) solve per step.
 DEFAULT_DAMPING = 1e-8
 
-HOMOGENEOUS = 4  # unknowns per vertex and output coordinate: a column of the 3x3 linear part + translation
-_LEAF_VERTICES = 32  # nested-dissection leaves: small enough that dense leaf factors stay cheap
-_MAX_RUNS = 8  # above this many pieces, one fancy-indexed add is faster than run-by-run slices
 _TINY = 1e-300  # guards normalisations of zero-length vectors
 
 
@@ -192,8 +176,9 @@ def nonrigid_icp(
     loop = _InnerLoop(system, matcher, faces, int(max_inner_iterations), tol * frame.diagonal, incremental, frame)
     affines = _identity_affines(n)  # frame units throughout
     history: list[NicpIteration] = []
-    for step, (alpha, beta) in enumerate(zip(alphas, betas)):
-        affines = loop.run(affines, step, alpha, beta, history)
+    with single_threaded_blas():
+        for step, (alpha, beta) in enumerate(zip(alphas, betas)):
+            affines = loop.run(affines, step, alpha, beta, history)
     deformed = frame.from_frame(system.deform(affines))
     return NicpResult(vertices=deformed, affines=frame.affines_from_frame(affines), history=tuple(history))
 
@@ -370,12 +355,12 @@ class _AmbergSystem:
             index, points = landmarks
             np.add.at(self.landmark_count, index, 1.0)
             np.add.at(self.landmark_sum, index, frame.to_frame(points))
-        self.cholesky = BlockCholesky(vertices, edges)
+        self.cholesky = block_cholesky(vertices, edges)
 
     def deform(self, affines: np.ndarray) -> np.ndarray:
         return np.einsum("ni,nij->nj", self.source, affines)
 
-    def factorize(self, alpha, beta, weights, basis) -> _Factor:
+    def factorize(self, alpha, beta, weights, basis):
         data = weights**2 + beta**2 * self.landmark_count
         diagonal = (
             alpha**2 * self.degree[:, None, None] * self.g2
@@ -391,186 +376,6 @@ class _AmbergSystem:
     def solve(self, alpha, beta, weights, targets, prior, basis) -> np.ndarray:
         factor = self.factorize(alpha, beta, weights, basis)
         return factor.solve(self.right_hand_side(beta, weights, targets, prior, basis))
-
-
-class BlockCholesky:
-    """Sparse Cholesky of SPD matrices with 4x4 blocks on a mesh's vertex graph: diagonal blocks per
-    vertex and one shared block per edge. The analysis (geometric nested dissection of the vertices,
-    multifrontal symbolic structure) is done once; each `factorize` only does dense numeric work.
-
-    scipy's SuperLU took 2-7 s per factorization of a 20k-vertex system (MMD ordering, 25M factor
-    entries); dense fronts on a nested-dissection tree run the same factorization through BLAS-3.
-    """
-
-    def __init__(self, vertices: np.ndarray, edges: np.ndarray):
-        n = len(vertices)
-        adjacency = sp.coo_matrix((np.ones(2 * len(edges)), (edges.ravel(), edges[:, ::-1].ravel())), shape=(n, n))
-        adjacency = adjacency.tocsr()
-        self.fronts: list[_Front] = []
-        _dissect(np.arange(n), vertices, adjacency, np.zeros(n, dtype=bool), self.fronts)
-        self.order = np.concatenate([front.own for front in self.fronts])  # elimination order of vertices
-        position = np.empty(n, dtype=np.int64)
-        position[self.order] = np.arange(n)
-        start = 0
-        for front in self.fronts:
-            front.start, start = start, start + len(front.own)
-        _analyse(self.fronts, position[edges], n)
-
-    def factorize(self, diagonal: np.ndarray, off_diagonal: np.ndarray) -> _Factor:
-        """Factor the matrix with ``diagonal[i]`` (N, 4, 4) per vertex and ``off_diagonal`` per edge."""
-        diagonal = diagonal[self.order]
-        updates: dict[int, np.ndarray] = {}
-        blocks = []
-        for index, front in enumerate(self.fronts):
-            size = len(front.vertices)
-            dense = np.zeros((HOMOGENEOUS * size, HOMOGENEOUS * size))
-            view = dense.reshape(size, HOMOGENEOUS, size, HOMOGENEOUS).transpose(0, 2, 1, 3)
-            own = np.arange(len(front.own))
-            view[own, own] += diagonal[front.start : front.start + len(own)]
-            view[front.edge_a, front.edge_b] += off_diagonal
-            view[front.edge_b, front.edge_a] += off_diagonal.T
-            for child, runs in zip(front.children, front.child_runs):
-                _extend_add(dense, updates.pop(child), runs)
-            k = HOMOGENEOUS * len(own)
-            pivot, info = dpotrf(dense[:k, :k], lower=1, clean=0)
-            if info != 0:
-                raise InputError(
-                    "the non-rigid ICP system is not positive definite (too few weighted correspondences to "
-                    "fix the affines: use damping > 0, more correspondences or landmarks)"
-                )
-            below = dtrsm(1.0, pivot, dense[k:, :k], side=1, lower=1, trans_a=1)  # F_uo L^-T
-            if len(front.struct):
-                updates[index] = dense[k:, k:] - below @ below.T
-            blocks.append((pivot, below))
-        return _Factor(self, blocks)
-
-
-@dataclass
-class _Front:
-    """A node of the elimination tree: its own vertices and the later vertices its factor rows reach."""
-
-    own: np.ndarray  # vertex ids eliminated here (contiguous positions from `start`)
-    children: list[int]
-    start: int = 0
-    struct: np.ndarray | None = None  # positions (> own) coupled to this front after elimination
-    vertices: np.ndarray | None = None  # positions of own + struct
-    edge_a: np.ndarray | None = None  # local indices of the edges assembled here
-    edge_b: np.ndarray | None = None
-    child_runs: list | None = None  # per child: where its update matrix goes in this front (see _runs)
-    struct_dofs: np.ndarray | None = None  # global dof positions of the struct vertices
-
-
-class _Factor:
-    """A numeric factorization: solves K X = R for per-vertex (N, 4, 3) right-hand sides."""
-
-    def __init__(self, cholesky: BlockCholesky, blocks: list):
-        self.cholesky = cholesky
-        self.blocks = blocks
-
-    def solve(self, rhs: np.ndarray) -> np.ndarray:
-        order = self.cholesky.order
-        y = rhs[order].reshape(-1, rhs.shape[-1])
-        fronts = self.cholesky.fronts
-        for front, (pivot, below) in zip(fronts, self.blocks):
-            own = slice(HOMOGENEOUS * front.start, HOMOGENEOUS * (front.start + len(front.own)))
-            y[own] = dtrsm(1.0, pivot, y[own], lower=1)
-            if len(front.struct):
-                y[front.struct_dofs] -= below @ y[own]
-        for front, (pivot, below) in zip(reversed(fronts), reversed(self.blocks)):
-            own = slice(HOMOGENEOUS * front.start, HOMOGENEOUS * (front.start + len(front.own)))
-            if len(front.struct):
-                y[own] -= below.T @ y[front.struct_dofs]
-            y[own] = dtrsm(1.0, pivot, y[own], lower=1, trans_a=1)
-        solution = np.empty_like(rhs)
-        solution[order] = y.reshape(rhs.shape)
-        return solution
-
-
-def _dissect(ids, vertices, adjacency, scratch, fronts) -> list[int]:
-    """Geometric nested dissection: split at the median of the widest axis, eliminate the cut last.
-
-    Appends fronts in postorder and returns the indices of the roots of this part (a forest when the
-    halves do not touch). ``scratch`` is an all-False (N,) buffer.
-    """
-    if len(ids) == 0:  # a half that was all separator
-        return []
-    if len(ids) <= _LEAF_VERTICES:
-        fronts.append(_Front(own=ids, children=[]))
-        return [len(fronts) - 1]
-    points = vertices[ids]
-    order = np.argsort(points[:, np.argmax(np.ptp(points, axis=0))], kind="stable")
-    half = len(ids) // 2
-    left, right = ids[order[:half]], ids[order[half:]]
-    left_cut, right_cut = _touching(left, right, adjacency, scratch), _touching(right, left, adjacency, scratch)
-    if left_cut.sum() <= right_cut.sum():  # the smaller one-sided vertex separator
-        separator, left = left[left_cut], left[~left_cut]
-    else:
-        separator, right = right[right_cut], right[~right_cut]
-    roots = [
-        *_dissect(left, vertices, adjacency, scratch, fronts),
-        *_dissect(right, vertices, adjacency, scratch, fronts),
-    ]
-    if len(separator) == 0:
-        return roots
-    # ordering the cut along itself keeps the pieces that a subtree touches contiguous (see _extend_add)
-    along = vertices[separator]
-    separator = separator[np.argsort(along[:, np.argmax(np.ptp(along, axis=0))], kind="stable")]
-    fronts.append(_Front(own=separator, children=roots))
-    return [len(fronts) - 1]
-
-
-def _touching(part, other, adjacency, scratch) -> np.ndarray:
-    """(len(part),) bool: which vertices of ``part`` have a neighbour in ``other``."""
-    scratch[other] = True
-    touching = (adjacency[part] @ scratch) > 0
-    scratch[other] = False
-    return touching
-
-
-def _analyse(fronts: list[_Front], edges: np.ndarray, n: int) -> None:
-    """Symbolic multifrontal factorization: each front's struct set, edges and children's places."""
-    owner = np.empty(n, dtype=np.int64)
-    for index, front in enumerate(fronts):
-        owner[front.start : front.start + len(front.own)] = index
-    low, high = edges.min(axis=1), edges.max(axis=1)
-    by_front = np.argsort(owner[low], kind="stable")
-    bounds = np.searchsorted(owner[low][by_front], np.arange(len(fronts) + 1))
-    for index, front in enumerate(fronts):
-        stop = front.start + len(front.own)
-        mine = by_front[bounds[index] : bounds[index + 1]]
-        reach = [high[mine][high[mine] >= stop]] + [fronts[c].struct[fronts[c].struct >= stop] for c in front.children]
-        front.struct = np.unique(np.concatenate(reach)).astype(np.int64)
-        front.vertices = np.concatenate([np.arange(front.start, stop), front.struct])
-        front.edge_a = low[mine] - front.start
-        front.edge_b = np.searchsorted(front.vertices, high[mine])
-        front.child_runs = [_runs(np.searchsorted(front.vertices, fronts[c].struct)) for c in front.children]
-        front.struct_dofs = _dofs(front.struct)
-
-
-def _runs(places: np.ndarray) -> np.ndarray:
-    """(R, 3) maximal runs of consecutive vertex places as dof ranges: (start in front, start in update, length)."""
-    breaks = np.flatnonzero(np.diff(places) != 1) + 1
-    starts = np.concatenate([[0], breaks])
-    lengths = np.diff(np.concatenate([starts, [len(places)]]))
-    return HOMOGENEOUS * np.stack([places[starts], starts, lengths], axis=1)
-
-
-def _extend_add(dense: np.ndarray, update: np.ndarray, runs: np.ndarray) -> None:
-    """Add a child's update matrix into its parent's front; slices over runs beat fancy indexing here."""
-    if len(runs) > _MAX_RUNS:
-        places = np.concatenate([np.arange(d, d + n) for d, _, n in runs])
-        dense[np.ix_(places, places)] += update
-        return
-    for row, row_source, rows in runs:
-        for column, column_source, columns in runs:
-            dense[row : row + rows, column : column + columns] += update[
-                row_source : row_source + rows, column_source : column_source + columns
-            ]
-
-
-def _dofs(vertex_positions: np.ndarray) -> np.ndarray:
-    """Scalar unknown indices of block rows: vertex q owns 4q .. 4q + 3."""
-    return (HOMOGENEOUS * vertex_positions[:, None] + np.arange(HOMOGENEOUS)).ravel()
 
 
 def _as_schedule(values, length: int | None, name: str, *, positive: bool) -> np.ndarray:
