@@ -25,9 +25,10 @@ from facehd.io import load_mesh
 from facehd.masks import model_masks
 
 IMAGE_SIZE = 64  # the views are not used here; small images keep generation quick
-# The noise-limited reference: the truth's displacement plus white noise of the scanner's
-# sigma per texel (one scan vertex per texel), smoothed by the best of these Gaussians.
-REFERENCE_SIGMAS_TEXELS = (0.5, 0.7, 0.9, 1.1, 1.4)
+# The noise-limited reference: the truth's displacement plus white noise of the scanner's sigma
+# averaged over the scan vertices that fall on one texel (`texel_noise_mm`), smoothed by the best
+# of these Gaussians.
+REFERENCE_SIGMAS_TEXELS = (0.5, 0.7, 0.9, 1.1, 1.4, 1.8)
 
 
 def generate(out: Path, subjects: int, expressions: int, noise_mm: float | None = None) -> Path:
@@ -53,9 +54,18 @@ def timer(times: dict, key: str):
     times[key] = (time.perf_counter() - wall, time.process_time() - cpu)
 
 
+def texel_noise_mm() -> float:
+    """The generator's scanner noise per displacement texel: SCAN_NOISE_MM over the square root of
+    the SCAN_SAMPLES_PER_CELL^2 scan vertices that fall on each texel."""
+    import facehd.synth.scan as scan_module
+
+    return scan_module.SCAN_NOISE_MM / scan_module.SCAN_SAMPLES_PER_CELL
+
+
 def noise_limited_correlation(displacement: np.ndarray, valid: np.ndarray, noise_mm: float, seed: int = 0) -> float:
-    """Best correlation any per-texel estimate from one noisy sample per texel could reach with a
-    Gaussian filter (an upper reference for the displacement correlation, not a bound)."""
+    """Best correlation a Gaussian filter reaches on the true displacement plus white noise of
+    `noise_mm` per texel (see `texel_noise_mm`): a reference for the displacement correlation,
+    not a bound."""
     d = displacement[0].astype(np.float64) * 100.0
     noisy = d + np.random.default_rng(seed).normal(0.0, noise_mm, d.shape)
     return max(float(np.corrcoef(gaussian_filter(noisy, s)[valid], d[valid])[0, 1]) for s in REFERENCE_SIGMAS_TEXELS)
@@ -117,14 +127,17 @@ def main() -> None:
     import facehd.synth.scan as scan_module
 
     noise_mm = scan_module.SCAN_NOISE_MM
+    per_texel_mm = texel_noise_mm()
     model = ModelSource().load()
     with tempfile.TemporaryDirectory(prefix="facehd-bench-") as tmp:
         start = time.perf_counter()
         root = generate(Path(tmp) / "noisy", args.subjects, args.expressions)
         print(f"generated {args.subjects} x {args.expressions} captures in {time.perf_counter() - start:.1f} s "
-              f"(SynthBFM resolution {ModelSource().resolution}, scanner noise {noise_mm} mm)")
-        report("coefficients from the truth (--coeffs ROOT/_truth)", run(root, model, True), noise_mm)
-        report("coefficients fitted (no --coeffs)", run(root, model, False), noise_mm)
+              f"(SynthBFM resolution {ModelSource().resolution}, scanner noise {noise_mm} mm per vertex, "
+              f"{scan_module.SCAN_SAMPLES_PER_CELL ** 2} vertices per texel: {per_texel_mm:.3f} mm per texel)")
+        report("coefficients from the truth (--coeffs ROOT/_truth)", run(root, model, True), per_texel_mm)
+        report("coefficients fitted (no --coeffs, the default of facehd gt-maps)", run(root, model, False),
+               per_texel_mm)
         if not args.no_clean:
             clean = generate(Path(tmp) / "clean", args.subjects, args.expressions, noise_mm=0.0)
             report("noise-free scans, coefficients from the truth (the method's own limit)",

@@ -11,10 +11,17 @@ from facehd.distance import vertex_normals_np
 from facehd.io import Mesh
 from facehd.procrustes import Similarity
 
-# Each scan vertex falls at a random place inside one grid cell of the true surface, this far
-# (cell fraction) from the cell's edges: never on an edge, so the scan's triangles never collapse.
+# Each scan vertex falls at a random place inside one sub-cell of the true surface's grid (see
+# SCAN_SAMPLES_PER_CELL), this far (sub-cell fraction) from its edges: never on an edge, so the
+# scan's triangles never collapse.
 SAMPLE_JITTER = (0.15, 0.85)
-SCAN_NOISE_MM = 0.07  # structured-light scanners: ~0.05-0.1 mm along the surface normal
+# High-end multi-view and structured-light face scanners: ~0.02-0.05 mm of local noise on skin
+# along the surface normal (their quoted 0.1-0.2 mm accuracy is mostly smooth, global error).
+SCAN_NOISE_MM = 0.04
+# Scan vertices per grid cell of the true surface, per axis: 2 x 2 puts them ~0.45 mm apart where
+# the 256 x 256 grid is ~0.9 mm, since real face scans are denser than the displacement map; each
+# texel then sees about four independently noisy vertices.
+SCAN_SAMPLES_PER_CELL = 2
 SPIKE_FRACTION = 0.03  # hair-band vertices that become spikes (hair defeats the scanner)
 SPIKE_MM = (3.0, 10.0)  # spike length range
 SPIKE_OUTWARD_PROBABILITY = 0.8  # stray hair sticks out more often than it dents in
@@ -78,32 +85,36 @@ def uv_to_texel(uv: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np
     return (1.0 - uv[:, 1]) * height - 0.5, uv[:, 0] * width - 0.5
 
 
-def _cell_samples(valid: np.ndarray, rng: np.random.Generator):
-    """One jittered sample per grid cell: (rows, cols) of the samples, the cells whose 4 corner
-    texels are valid, and the triangles joining neighbouring samples (same winding as the grid)."""
+def _cell_samples(valid: np.ndarray, rng: np.random.Generator, per_cell: int = 1):
+    """``per_cell`` x ``per_cell`` jittered samples per grid cell (one in each sub-cell): (rows,
+    cols) of the samples, the samples whose cell has 4 valid corner texels, and the triangles
+    joining neighbouring samples (same winding as the grid)."""
     height, width = valid.shape
-    cell_r, cell_c = np.meshgrid(np.arange(height - 1), np.arange(width - 1), indexing="ij")
-    jitter = rng.uniform(*SAMPLE_JITTER, size=(2, height - 1, width - 1))
-    rows = (cell_r + jitter[0]).ravel()
-    cols = (cell_c + jitter[1]).ravel()
-    cell_ok = (valid[:-1, :-1] & valid[:-1, 1:] & valid[1:, :-1] & valid[1:, 1:]).ravel()
-    index = np.arange((height - 1) * (width - 1)).reshape(height - 1, width - 1)
+    n_rows, n_cols = (height - 1) * per_cell, (width - 1) * per_cell
+    sub_r, sub_c = np.meshgrid(np.arange(n_rows), np.arange(n_cols), indexing="ij")
+    jitter = rng.uniform(*SAMPLE_JITTER, size=(2, n_rows, n_cols))
+    rows = ((sub_r + jitter[0]) / per_cell).ravel()
+    cols = ((sub_c + jitter[1]) / per_cell).ravel()
+    cell_ok = valid[:-1, :-1] & valid[:-1, 1:] & valid[1:, :-1] & valid[1:, 1:]
+    sample_ok = cell_ok[sub_r // per_cell, sub_c // per_cell].ravel()
+    index = np.arange(n_rows * n_cols).reshape(n_rows, n_cols)
     tl, tr = index[:-1, :-1].ravel(), index[:-1, 1:].ravel()
     bl, br = index[1:, :-1].ravel(), index[1:, 1:].ravel()
     faces = np.concatenate([np.stack([tl, bl, br], 1), np.stack([tl, br, tr], 1)])
-    return rows, cols, cell_ok, faces
+    return rows, cols, sample_ok, faces
 
 
 def synth_scan(source: ScanSource, holes: list[HoleEllipse], model_to_scan: Similarity,
                rng: np.random.Generator) -> Mesh:
     """A raw scan (millimetres, scanner frame) of the true surface in ``source``.
 
-    Vertices: one per cell of the truth's UV grid at a random place inside it (denser than the
-    morphable model, never the truth's own vertices), moved to the scanner frame by
-    ``model_to_scan``, with Gaussian noise along the normal; a few percent of the hair band's
-    vertices become spikes; vertices inside ``holes`` are removed with their triangles.
+    Vertices: ``SCAN_SAMPLES_PER_CELL`` squared per cell of the truth's UV grid, one at a random
+    place in each sub-cell (denser than the morphable model and the truth's grid, never the truth's
+    own vertices), moved to the scanner frame by ``model_to_scan``, with Gaussian noise along the
+    normal; a few percent of the hair band's vertices become spikes; vertices inside ``holes`` are
+    removed with their triangles.
     """
-    rows, cols, keep, faces = _cell_samples(source.valid, rng)
+    rows, cols, keep, faces = _cell_samples(source.valid, rng, SCAN_SAMPLES_PER_CELL)
     points = model_to_scan.apply(interpolate_grid(source.surface, rows, cols))
     normals = vertex_normals_np(points, faces)
     points = points + rng.normal(0.0, SCAN_NOISE_MM, size=len(points))[:, None] * normals

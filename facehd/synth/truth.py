@@ -62,8 +62,11 @@ NASOLABIAL_MM = (0.15, 0.28)
 NASOLABIAL_WIDTH = 0.012  # groove half-width (~1.2 mm)
 NASOLABIAL_TOP = (0.03, 0.02)  # (outward, up) offset from the nostril-wing landmark
 NASOLABIAL_BOTTOM = (0.035, -0.07)  # (outward, down) offset from the mouth corner
-PORE_MM = 0.04  # standard deviation of the pore-scale roughness
-PORE_SMOOTH_TEXELS = 0.7
+# Pores themselves (0.05-0.25 mm wide) are far below a texel of the 256 x 256 map (~0.9 mm): what
+# the map holds of them is the skin's micro-relief averaged over a texel, a few hundredths of a
+# millimetre, and only as fine as the map resolves (finer content would alias).
+PORE_MM = 0.02  # standard deviation of the pore-scale roughness
+PORE_SMOOTH_TEXELS = 1.0
 # Expressions deepen their wrinkles: gain = 1 + WRINKLE_GAIN_PER_SIGMA * sum of the positive
 # coefficients (sigmas) of the listed expression components.
 WRINKLE_GAIN_PER_SIGMA = 0.25

@@ -86,8 +86,9 @@ def test_gt_maps_recover_the_synthetic_truth(model, truth, fitted):
     """A noisy scan (0.07 mm along the normal, one vertex per texel, holes, spikes, 0.5 mm landmark
     noise): the fitted detailed surface lies within a few hundredths of a mm of the true one (the
     issue's bound is 0.1 mm RMS) and the displacement follows the true detail. The correlation is
-    held to a looser bound than the issue's 0.9: the scanner noise per texel is larger than the
-    pores, which caps it (see benchmarks/speed_gt_maps.py for the figures)."""
+    held to a looser bound than the issue's 0.9: this scanner's noise per texel (3.5 times the
+    generator's default) is larger than the pores, which caps it; the issue's bound is tested on
+    the generator's own scans below."""
     scan, alignment, maps = fitted
     result = compare_with_truth(model, maps, alignment.scan_to_model, truth_record(truth, scan))
     assert result.surface_rms_mm < 0.06
@@ -154,6 +155,23 @@ def test_one_fit_per_distinct_coefficient_file(monkeypatch, model, truth, tmp_pa
     assert {v: m for v, (m, _) in fitted.items()} == {v: 3 for v in views} and fitted["cam0"][1] == "fit"
 
 
+def test_smoothness_follows_the_noise_per_texel():
+    """The noise-adapted smoothness weight depends on the noise of a texel's mean: one point of
+    sigma per texel and four points of 2 sigma per texel get the same weight, SMOOTH_WEIGHT when
+    that noise is SMOOTH_REFERENCE_MM."""
+    from facehd import detail
+
+    rng = np.random.default_rng(0)
+    texels = 20_000
+    weights = np.tile([0.6, 0.3, 0.1], (4 * texels, 1))  # the nearest corner is the first
+    found = []
+    for per_texel, sigma_mm in ((1, detail.SMOOTH_REFERENCE_MM), (4, 2 * detail.SMOOTH_REFERENCE_MM)):
+        corners = np.repeat(np.arange(texels), per_texel)[:, None] + np.array([0, 1, 2]) * texels
+        residuals = rng.normal(0.0, sigma_mm * MM, len(corners))
+        found.append(detail._noise_adapted_weight(residuals, corners, weights[: len(corners)]))
+    assert found == pytest.approx([detail.SMOOTH_WEIGHT] * 2, rel=0.05)
+
+
 def test_bad_models_and_options_are_refused(model):
     import dataclasses
 
@@ -167,8 +185,10 @@ def test_bad_models_and_options_are_refused(model):
 
 
 def test_gt_maps_on_the_generators_dataset(tmp_path):
-    """End to end on `facehd synth facehd`'s output (a small model): `facehd gt-maps` with the
-    generator's truth as the coefficient files, measured against the truth it wrote."""
+    """End to end on `facehd synth facehd`'s output (a small model, the generator's default scanner):
+    `facehd gt-maps` with the generator's truth as the coefficient files, measured against the
+    truth it wrote, meets the issue's bounds: the detailed surface within 0.1 mm RMS of the true
+    one (here ~0.01), the displacement correlating at least 0.9 with the true one (here ~0.94)."""
     from click.testing import CliRunner
 
     from facehd.cli import main
@@ -195,5 +215,5 @@ def test_gt_maps_on_the_generators_dataset(tmp_path):
     assert_close(maps.coeffs, truth["coeffs"], atol=0)
     model = load_morphable_model(model_path, dtype=torch.float64)
     comparison = compare_with_truth(model, maps, scan_to_model, truth)
-    assert comparison.surface_rms_mm < 0.06
-    assert comparison.displacement_corr > 0.55
+    assert comparison.surface_rms_mm < 0.03
+    assert comparison.displacement_corr > 0.9

@@ -45,7 +45,7 @@ from facehd.synth.render_views import (
     opengl_pose,
     rig_cameras,
 )
-from facehd.synth.scan import SCAN_NOISE_MM, interpolate_grid
+from facehd.synth.scan import SAMPLE_JITTER, SCAN_NOISE_MM, _cell_samples, interpolate_grid
 from facehd.synth.truth import build_model_context, load_truth_model, synth_model_parameters, true_surface
 from facehd.uv import uv_grid_mesh
 from facehd.validate import validate_dataset
@@ -382,3 +382,24 @@ def test_interpolate_grid_is_exact_on_the_grid_triangles():
     t, s = 0.7, 0.2  # below the diagonal: triangle top-left, bottom-left, bottom-right
     expected = (1 - t) * values[1, 1] + (t - s) * values[2, 1] + s * values[2, 2]
     assert_close(interpolate_grid(values, np.array([1.0 + t]), np.array([1.0 + s]))[0], expected)
+
+
+def test_scan_samples_fill_every_sub_cell_once():
+    valid = np.ones((5, 6), dtype=bool)
+    valid[4, 0] = False  # the bottom-left cell loses a corner
+    per_cell = 2
+    rows, cols, keep, faces = _cell_samples(valid, np.random.default_rng(0), per_cell)
+    assert len(rows) == per_cell**2 * 4 * 5
+    # one sample strictly inside each sub-cell, so none lies on an edge of the truth's grid
+    sub_r, sub_c = np.floor(rows * per_cell), np.floor(cols * per_cell)
+    assert len(set(zip(sub_r.tolist(), sub_c.tolist()))) == len(rows)
+    frac = np.concatenate([rows * per_cell - sub_r, cols * per_cell - sub_c])
+    assert frac.min() >= SAMPLE_JITTER[0] and frac.max() <= SAMPLE_JITTER[1]
+    # samples of the cell with an invalid corner are dropped, all others kept
+    in_bad_cell = (np.floor(rows) == 3) & (np.floor(cols) == 0)
+    assert in_bad_cell.sum() == per_cell**2 and not keep[in_bad_cell].any() and keep[~in_bad_cell].all()
+    # triangles join neighbouring samples: no edge spans more than one sub-cell per axis
+    for a, b in ((0, 1), (1, 2), (0, 2)):
+        assert np.abs(sub_r[faces[:, a]] - sub_r[faces[:, b]]).max() == 1
+        assert np.abs(sub_c[faces[:, a]] - sub_c[faces[:, b]]).max() == 1
+    assert len(faces) == 2 * (4 * per_cell - 1) * (5 * per_cell - 1)
