@@ -266,6 +266,7 @@ def held_out_errors(model, root: Path) -> tuple[float, float, float]:
     return landmark_px, float(np.mean(direct)), float(np.mean(aligned))
 
 
+@pytest.mark.slow
 def test_small_hrn_learns_on_synthetic_faces(tmp_path, record_property):
     model_config = ModelConfig.small(**LEARN_MODEL)
     morphable = load_hrn_morphable(model_config)
