@@ -518,20 +518,44 @@ class _NicpSystem:
             raise InputError("the GT region has no edges")
         self.degree = np.bincount(self.edges.ravel(), minlength=len(vertices)).astype(np.float64)
         self.cholesky = block_cholesky(vertices, self.edges, backend=CHOLESKY_BACKEND)
+        self._kept: tuple | None = None  # (inputs, factor or None) of the last `keep=True` solve
+        self._keeper = None  # the kept factor's own analysis, so that other solves do not overwrite it
 
     def solve(self, alpha: float, stiffness: Sequence[float], homogeneous: np.ndarray, weights: np.ndarray,
-              weighted_targets: np.ndarray) -> np.ndarray:
+              weighted_targets: np.ndarray, *, keep: bool = False) -> np.ndarray:
         """X (N, 4, 3) minimising the stiffness plus sum_i weights_i |x_i^T X_i - target_i|^2, given
-        homogeneous x (N, 4), weights (N,) (squared row weights) and weights_i target_i (N, 3)."""
+        homogeneous x (N, 4), weights (N,) (squared row weights) and weights_i target_i (N, 3).
+
+        ``keep``: the matrix will come again (bICP's keypoint stage: the GT region, its keypoints and
+        weights are the same for every prediction of a subject), so keep its factorization and reuse
+        it while alpha, stiffness, x and the weights are unchanged; only the right-hand side differs.
+        """
+        inputs = (float(alpha), tuple(float(s) for s in stiffness), homogeneous, weights)
+        rhs = homogeneous[:, :, None] * weighted_targets[:, None, :]
+        again = keep and self._kept is not None and _same_inputs(self._kept[0], inputs)
+        if again and self._kept[1] is not None:
+            return self._kept[1].solve(rhs)
         g2 = np.diag(np.square(np.asarray(stiffness, dtype=np.float64)))
         diagonal = (alpha**2) * self.degree[:, None, None] * g2 + (
             weights[:, None, None] * homogeneous[:, :, None] * homogeneous[:, None, :])
+        cholesky = self.cholesky
+        if again:  # the second time: worth an analysis of its own (a subject with one prediction never pays it)
+            if self._keeper is None:
+                self._keeper = block_cholesky(homogeneous[:, :3], self.edges, backend=CHOLESKY_BACKEND)
+            cholesky = self._keeper
         try:
-            factor = self.cholesky.factorize(diagonal, -(alpha**2) * g2)
+            factor = cholesky.factorize(diagonal, -(alpha**2) * g2)
         except InputError as exc:
             raise InputError("the bICP system is singular: the region is flat or a part of it has no "
                              "correspondence (REALY's Cholesky fails here too)") from exc
-        return factor.solve(homogeneous[:, :, None] * weighted_targets[:, None, :])
+        if keep:
+            self._kept = ((inputs[0], inputs[1], homogeneous.copy(), weights.copy()), factor if again else None)
+        return factor.solve(rhs)
+
+
+def _same_inputs(kept: tuple, inputs: tuple) -> bool:
+    return (kept[0] == inputs[0] and kept[1] == inputs[1] and np.array_equal(kept[2], inputs[2])
+            and np.array_equal(kept[3], inputs[3]))
 
 
 _SYSTEMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -623,7 +647,8 @@ def realy_nicp(region: RegionMesh, targets, *, keypoint_index=None, keypoint_tar
                 else:
                     weights, weighted = weights + kp_weight, weighted + kp_weight[:, None] * kp_goal
             homogeneous = np.column_stack([current, np.ones(len(current))])
-            x = system.solve(alpha, keypoint_stiffness if first_stage else stiffness, homogeneous, weights, weighted)
+            x = system.solve(alpha, keypoint_stiffness if first_stage else stiffness, homogeneous, weights, weighted,
+                             keep=first_stage)
             current = np.einsum("na,nac->nc", homogeneous, x)
             step += 1
             count += 1
@@ -808,21 +833,40 @@ def _outcomes(data_root: Path, predictions: Sequence[PredictionFile], template: 
               ) -> list[PredictionResult | PredictionFailure]:
     RealyData(data_root).check()
     _scales(data_root)  # a malformed metrical_scale.txt stops the run before any work
+    outcomes: list = [None] * len(predictions)
     if workers <= 1 or len(predictions) <= 1:
-        outcomes = []
-        for prediction in predictions:
-            outcomes.append(evaluate_file(data_root, prediction, template, template_mask))
-            if progress:
-                progress(1)
+        for chunk in _subject_chunks(predictions, 1):  # a subject's predictions one after the other
+            for i in chunk:
+                outcomes[i] = evaluate_file(data_root, predictions[i], template, template_mask)
+                if progress:
+                    progress(1)
         return outcomes
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        futures = [pool.submit(evaluate_file, data_root, p, template, template_mask) for p in predictions]
-        outcomes = []
-        for future in futures:
-            outcomes.append(future.result())
+        tasks = [(chunk, pool.submit(_evaluate_files, data_root, [predictions[i] for i in chunk], template,
+                                     template_mask))
+                 for chunk in _subject_chunks(predictions, workers)]
+        for chunk, future in tasks:
+            for i, outcome in zip(chunk, future.result()):
+                outcomes[i] = outcome
             if progress:
-                progress(1)
-        return outcomes
+                progress(len(chunk))
+    return outcomes
+
+
+def _subject_chunks(predictions: Sequence[PredictionFile], workers: int) -> list[list[int]]:
+    """Indices of the predictions, grouped by subject so that a process loads and analyses a subject's
+    GT regions once for all its predictions (REALY: 1 frontal + 4 side views per subject); groups are
+    cut to at most len / (4 x workers) so that a run of a few subjects still keeps every process busy."""
+    by_subject: dict[int, list[int]] = {}
+    for i, prediction in enumerate(predictions):
+        by_subject.setdefault(prediction.subject_id, []).append(i)
+    most = max(1, -(-len(predictions) // (4 * workers)))
+    return [group[start : start + most] for group in by_subject.values() for start in range(0, len(group), most)]
+
+
+def _evaluate_files(data_root: Path, predictions: Sequence[PredictionFile], template: TemplateKeypoints,
+                    template_mask: np.ndarray | None) -> list[PredictionResult | PredictionFailure]:
+    return [evaluate_file(data_root, p, template, template_mask) for p in predictions]
 
 
 def evaluate_predictions(data_root: str | Path, predictions: Sequence[PredictionFile], template: TemplateKeypoints,

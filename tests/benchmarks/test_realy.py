@@ -405,3 +405,23 @@ def test_cli_default_runs_the_reference_methods(tiny_set, monkeypatch):
     assert list(rows) == ["HRN", "Deep3D", "mean-face", "landmark-3dmm", "truth-noise"]
     assert rows["truth-noise"]["all mean"] < rows["mean-face"]["all mean"]
     assert "synthetic" in json.loads(result.stdout)["frontal"]["note"]
+
+
+def test_parallel_runs_group_subjects_and_keep_the_order(tmp_path):
+    data = ensure_synthetic_realy(tmp_path / "set", n_subjects=2, side_views=2, resolution=32)
+    predictions, _ = realy.list_predictions(data.predictions("truth-noise"))
+    # a broken file among them is reported in its place while the others go on
+    broken = tmp_path / "9_1.obj"
+    broken.write_text("v 0 0 0\n")
+    predictions.append(realy.PredictionFile(broken, broken.stem, 9, 1, "side"))
+    chunks = realy._subject_chunks(predictions, workers=1)
+    assert sorted(i for chunk in chunks for i in chunk) == list(range(len(predictions)))
+    assert all(len({predictions[i].subject_id for i in chunk}) == 1 for chunk in chunks)
+    template = realy.read_template_keypoints(data.template_keypoints)
+    done = []
+    serial = realy.evaluate_predictions(data.root, predictions, template, workers=1)
+    parallel = realy.evaluate_predictions(data.root, predictions, template, workers=2, progress=done.append)
+    assert sum(done) == len(predictions)
+    assert [r.name for r in parallel[0]] == [r.name for r in serial[0]] == [p.name for p in predictions[:-1]]
+    assert [r.errors_mm for r in parallel[0]] == [r.errors_mm for r in serial[0]]
+    assert [f.name for f in parallel[1]] == ["9_1"]
