@@ -22,6 +22,7 @@ from hrn_factory import tiny_config, tiny_model_config
 from facehd import conventions as cv
 from facehd.distance import point_to_surface
 from facehd.errors import FileFormatError, InputError
+from facehd.morphable import rotation_matrix
 from facehd.procrustes import fit_similarity
 from facehd.synth.wild import generate_wild, read_truth, truth_path
 from facehd.wild import template5_from_model
@@ -227,26 +228,44 @@ LEARN_MODEL = dict(synth_resolution=32, image_size=64, mid_map_size=16, high_map
                    mid_blocks=1, high_blocks=1)
 LEARN_IMAGES, LEARN_HELD_OUT, LEARN_SOURCE_PIXELS = 512, 32, 128
 LEARN_STEPS, LEARN_BATCH, LEARN_LR, LEARN_DECAY_STEPS = 400, 16, 3e-4, 300
-# The held-out landmark error falls to about half in these 400 steps (~2 min on two idle cores).
-# The shape error does not fall clearly in this budget: it is dominated by the identity, which needs
-# sub-pixel landmark precision that a from-scratch ResNet-18 on 64-pixel crops reaches much later
-# (HRN itself starts from a pretrained base). Even regressing the true id / exp coefficients with
-# direct supervision moves it only to 90-96% in 400 steps, and self-supervised runs plateau near
-# 92% by 1,100 steps. So the shape bound here is a guard: learning the pose must not bend the
-# identity or the deformation away from the truth (an early version, whose contour term reached
-# the identity, doubled the shape error).
-LANDMARK_FRACTION, SHAPE_GUARD = 0.7, 1.1
 # The regressor learns from scratch here (HRN starts from a pretrained, frozen Deep3DFaceRecon base),
-# so the landmark term gets more weight than the supplement's 1.6e-4 to find the pose quickly.
+# so the landmark term gets more weight than the supplement's 1.6e-4 to find the pose quickly ...
 LEARN_LANDMARK_WEIGHT = 1e-2
+# ... and the coefficient prior follows it: Deep3DFaceRecon weighs |id|^2 and |exp|^2 by 3e-4 against
+# landmarks at 1.6e-3; at the same ratio (x 6.25, rounded) the prior keeps the id / exp outputs that
+# the images do not yet determine near the mean face. With 3e-4, Adam's sign-like steps let those
+# outputs drift: every head output moves by about lr x (sum of the 512 non-negative pooled features)
+# per step whatever its gradient's size, so the systematic landmark residual of the first steps
+# (which the pose and translation should explain) is shared out to id / exp components and nothing
+# pulls it back (measured: a batch-constant id offset of norm ~2 sigma after 400 steps, +4-8 % shape error).
+LEARN_COEFF_REG = 2e-3
+# What is measured, from the initial mean face, on the 32 held-out faces (see `held_out_errors`):
+# - landmark error: 15.3 px (224-pixel units) at initialisation; falls to about 45 % in these steps.
+# - posed point-to-surface error, the face in the head pose of the image (truth and prediction each
+#   turned by its own head rotation): 17.1 mm at initialisation (a frontal mean face against faces
+#   turned up to 60 deg); falls to about 43 %, to 7.3 mm.
+# - shape error, the same distance before pose: 2.66 mm at initialisation (2.39 mm after a similarity
+#   alignment). Identity is 95 % of it (truth id + mean exp: 0.53 mm; mean id + truth exp: 2.53 mm)
+#   and moves the landmarks by about 3 px at 224 pixels, under one pixel of the 64-pixel crop; a
+#   regressor trained from scratch does not reach that precision in this budget (its landmark error
+#   is still ~6.7 px), so this error stays at its initial value, on the training images too. The
+#   bounds of what this budget allows: the exact 2D landmarks fitted per image bring it to 1.2-1.4
+#   mm and minimising L_self per image from the mean face to 1.7 mm, but even supervising the true
+#   id / exp coefficients directly only reaches 92-97 % in 400 steps. HRN itself starts from a
+#   pretrained base. So the shape bound is a guard: learning the pose must not bend the identity or
+#   the deformation away from the truth (an early version, whose contour term reached the identity,
+#   doubled the shape error; a learning rate of 1e-3 made it 1.6-2.3 x).
+LANDMARK_FRACTION, POSED_FRACTION, SHAPE_GUARD = 0.7, 0.7, 1.05
 
 
-def held_out_errors(model, root: Path) -> tuple[float, float, float]:
+def held_out_errors(model, root: Path) -> tuple[float, float, float, float]:
     """Over a folder with ground truth: the mean landmark error in pixels of a 224 crop (whatever the
-    model's size), and the mean point-to-surface distance in mm from each truth shape's front-region
-    vertices to the predicted mid mesh M1 (both before pose, in model space), taken directly and
-    after a similarity alignment of the prediction's front region onto the truth's (which removes
-    the scale that perspective leaves ambiguous)."""
+    model's size), and three mean point-to-surface distances in mm from each truth shape's
+    front-region vertices to the predicted mid mesh M1: posed (truth and prediction each turned by
+    its own head rotation about the model origin; the camera's translation and scale are left out,
+    since the 5-point crop changes them), and before pose, directly and after a similarity alignment
+    of the prediction's front region onto the truth's (which removes the scale that perspective
+    leaves ambiguous)."""
     morphable = model.morphable
     size = model.image_size
     data = wild_dataset([root], template5_from_model(morphable, size), size)
@@ -256,14 +275,20 @@ def held_out_errors(model, root: Path) -> tuple[float, float, float]:
         out = model(batch["image"], batch["mask"])
     landmark_px = float((out.landmarks - batch["landmarks"]).norm(dim=-1).mean()) * cv.IMAGE_SIZE / size
     front, faces = morphable.front_vertices.cpu().numpy(), morphable.faces.cpu().numpy()
-    direct, aligned = [], []
+    angle = cv.COEFF_SLICES["angle"]
+    predicted_rotation = rotation_matrix(out.coeffs[:, angle].double()).cpu().numpy()
+    posed, direct, aligned = [], [], []
     for b, name in enumerate(batch["name"]):
-        truth = read_truth(truth_path(root, name)).shape.astype(np.float64)
+        truth = read_truth(truth_path(root, name))
+        shape = truth.shape.astype(np.float64)
+        truth_rotation = rotation_matrix(torch.from_numpy(truth.coeffs[angle])[None].double())[0].numpy()
         predicted = out.shape_mid[b].double().cpu().numpy()
-        direct.append(point_to_surface(truth[front], predicted, faces).mean() * cv.MM_PER_MODEL_UNIT)
-        moved = fit_similarity(predicted[front], truth[front]).apply(predicted)
-        aligned.append(point_to_surface(truth[front], moved, faces).mean() * cv.MM_PER_MODEL_UNIT)
-    return landmark_px, float(np.mean(direct)), float(np.mean(aligned))
+        posed.append(point_to_surface((shape @ truth_rotation.T)[front], predicted @ predicted_rotation[b].T, faces))
+        direct.append(point_to_surface(shape[front], predicted, faces))
+        moved = fit_similarity(predicted[front], shape[front]).apply(predicted)
+        aligned.append(point_to_surface(shape[front], moved, faces))
+    return landmark_px, *(float(np.mean([d.mean() for d in ds])) * cv.MM_PER_MODEL_UNIT
+                          for ds in (posed, direct, aligned))
 
 
 @pytest.mark.slow
@@ -273,7 +298,7 @@ def test_small_hrn_learns_on_synthetic_faces(tmp_path, record_property):
     generate_wild(tmp_path / "train", LEARN_IMAGES, model=morphable, image_size=LEARN_SOURCE_PIXELS, seed=0)
     generate_wild(tmp_path / "held_out", LEARN_HELD_OUT, model=morphable, image_size=LEARN_SOURCE_PIXELS, seed=1)
     config = Config(data=dataclasses.replace(Config().data, wild=[str(tmp_path / "train")]), model=model_config,
-                    loss=LossConfig(weights={"landmark": LEARN_LANDMARK_WEIGHT}),
+                    loss=LossConfig(weights={"landmark": LEARN_LANDMARK_WEIGHT}, coeff_reg=LEARN_COEFF_REG),
                     optim=dataclasses.replace(Config().optim, lr=LEARN_LR, lr_decay_steps=LEARN_DECAY_STEPS),
                     train=dataclasses.replace(Config().train, steps=LEARN_STEPS, batch_size=LEARN_BATCH, log_every=50,
                                               checkpoint_every=LEARN_STEPS, device="cpu")).validate()
@@ -282,9 +307,10 @@ def test_small_hrn_learns_on_synthetic_faces(tmp_path, record_property):
     started = time.perf_counter()
     result = train(config, tmp_path / "run")
     after = held_out_errors(load_model(result.last_checkpoint, device="cpu"), tmp_path / "held_out")
-    for name, first, last in zip(("landmark_px", "shape_mm", "aligned_shape_mm"), before, after):
+    for name, first, last in zip(("landmark_px", "posed_mm", "shape_mm", "aligned_shape_mm"), before, after):
         record_property(name, f"{first:.3f} -> {last:.3f} ({last / first:.0%})")
     record_property("train_seconds", round(time.perf_counter() - started, 1))
     assert after[0] <= LANDMARK_FRACTION * before[0], f"held-out landmark error {before[0]:.2f} -> {after[0]:.2f} px"
-    for k, what in ((1, "shape error"), (2, "similarity-aligned shape error")):
+    assert after[1] <= POSED_FRACTION * before[1], f"held-out posed error {before[1]:.2f} -> {after[1]:.2f} mm"
+    for k, what in ((2, "shape error"), (3, "similarity-aligned shape error")):
         assert after[k] <= SHAPE_GUARD * before[k], f"held-out {what} {before[k]:.3f} -> {after[k]:.3f} mm"
