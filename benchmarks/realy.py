@@ -520,7 +520,9 @@ class _NicpSystem:
             raise InputError("the GT region has no edges")
         self.degree = np.bincount(self.edges.ravel(), minlength=len(vertices)).astype(np.float64)
         self.cholesky = block_cholesky(vertices, self.edges, backend=CHOLESKY_BACKEND)
-        self._kept: tuple | None = None  # (inputs, factor or None) of the last `keep=True` solve
+        # the last `keep=True` solve: (alpha, stiffness, x, weights), and its factor once it came twice
+        self._kept_inputs: tuple | None = None
+        self._kept_factor = None
         self._keeper = None  # the kept factor's own analysis, so that other solves do not overwrite it
 
     def solve(self, alpha: float, stiffness: Sequence[float], homogeneous: np.ndarray, weights: np.ndarray,
@@ -534,9 +536,9 @@ class _NicpSystem:
         """
         inputs = (float(alpha), tuple(float(s) for s in stiffness), homogeneous, weights)
         rhs = homogeneous[:, :, None] * weighted_targets[:, None, :]
-        again = keep and self._kept is not None and _same_inputs(self._kept[0], inputs)
-        if again and self._kept[1] is not None:
-            return self._kept[1].solve(rhs)
+        again = keep and self._kept_inputs is not None and _same_inputs(self._kept_inputs, inputs)
+        if again and self._kept_factor is not None:
+            return self._kept_factor.solve(rhs)
         g2 = np.diag(np.square(np.asarray(stiffness, dtype=np.float64)))
         diagonal = (alpha**2) * self.degree[:, None, None] * g2 + (
             weights[:, None, None] * homogeneous[:, :, None] * homogeneous[:, None, :])
@@ -551,7 +553,8 @@ class _NicpSystem:
             raise InputError("the bICP system is singular: the region is flat or a part of it has no "
                              "correspondence (REALY's Cholesky fails here too)") from exc
         if keep:
-            self._kept = ((inputs[0], inputs[1], homogeneous.copy(), weights.copy()), factor if again else None)
+            self._kept_inputs = (inputs[0], inputs[1], homogeneous.copy(), weights.copy())
+            self._kept_factor = factor if again else None
         return factor.solve(rhs)
 
 

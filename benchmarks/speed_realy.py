@@ -1,7 +1,8 @@
 """Speed of the REALY evaluation per prediction on GT regions of about 20k vertices in total (issue 5:
 at most 1 s on 2 cores; REALY's own code takes about 5 s there), with the time split by stage.
 
-Run: `python -m benchmarks.speed_realy [--resolution 96] [--predictions 4] [--workers 1,2] [--backend B]`.
+Run: `python -m benchmarks.speed_realy [--resolution 96] [--predictions 5] [--subjects 3] [--workers 1,2]
+[--backend B]`.
 """
 
 from __future__ import annotations
