@@ -1,4 +1,4 @@
-"""The `hrn` command line: HRN / MV-HRN training and prediction."""
+"""The `hrn` command line: HRN training and prediction (single-view HRN; the multi-view MV-HRN is not built yet)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from hrn_baseline.environment import environment_report
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main():
-    """hrn: train and run HRN / MV-HRN (hierarchical representation network) models."""
+    """hrn: train and run HRN (hierarchical representation network) models."""
 
 
 @main.command()
