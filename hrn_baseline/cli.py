@@ -98,5 +98,48 @@ def predict(checkpoint: Path | None, images: tuple[Path, ...], landmarks: Path |
         sys.exit(1)
 
 
+@main.command()
+@click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="A checkpoint written by `hrn train` (OUT/checkpoints/last.pt).")
+@click.option("--images", "folders", multiple=True, required=True, type=click.Path(path_type=Path),
+              help="A folder in the in-the-wild layout (list.txt, images/, landmarks/, masks/), e.g. from "
+                   "`facehd synth wild`, whose _truth/ adds the errors in mm; repeat the option for more.")
+@click.option("--aligned", is_flag=True, help="The images are already the model's crops (no 5-point alignment).")
+@click.option("--baseline", is_flag=True,
+              help="Also evaluate the model as training starts it (zero heads: the mean face, frontal).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the checkpoint's per-image errors to this CSV.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, or a torch device string.")
+@reports_errors
+def evaluate(checkpoint: Path, folders: tuple[Path, ...], aligned: bool, baseline: bool, out: Path | None,
+             batch_size: int, device: str):
+    """Measure a checkpoint on held-out images: the landmark error against the folders' 68 landmarks
+    (pixels of a 224 crop) and, on synthetic folders with ground truth, the point-to-surface errors
+    of the mid mesh against the true face (mm; truth -> prediction). Unreadable images are reported
+    and skipped (exit status 1)."""
+    from facehd.clitools import progress
+    from hrn_baseline.evaluate import METRIC_NOTES, format_table, initial_model
+    from hrn_baseline.evaluate import evaluate as run_evaluation
+    from hrn_baseline.predict import load_model
+
+    model = load_model(checkpoint, device=device)
+    evaluations = {}
+    if baseline:
+        evaluations["initialisation"] = run_evaluation(initial_model(model), folders, aligned=aligned,
+                                                       batch_size=batch_size, progress=progress)
+    result = evaluations[str(checkpoint)] = run_evaluation(model, folders, aligned=aligned, batch_size=batch_size,
+                                                           progress=progress)
+    click.echo(format_table(evaluations))
+    for key in result.means():
+        click.echo(f"  {key}: {METRIC_NOTES[key]}")
+    if out is not None:
+        click.echo(f"per-image errors: {result.write_csv(out)}")
+    for where, problem in result.failures:
+        click.echo(f"FAILED {where}: {problem}")
+    if result.failures:
+        sys.exit(1)
+
+
 if __name__ == "__main__":
     main()

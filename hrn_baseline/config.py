@@ -46,6 +46,7 @@ class DataConfig:
     lab_split: str | None = "train"  # subject split of the lab captures (None: all)
     lab_views: list[int] | None = None  # camera indices to use (None: all nine)
     num_workers: int = 0  # DataLoader worker processes per rank
+    val: list[str] = field(default_factory=list)  # held-out in-the-wild folders evaluated during training
 
 
 @dataclass
@@ -128,6 +129,7 @@ class TrainConfig:
     batch_size: int = BATCH_SIZE  # per process
     checkpoint_every: int = 1000
     log_every: int = 50
+    val_every: int | None = None  # evaluate data.val every N steps (None: at each checkpoint)
     seed: int = 0
     device: str = "auto"  # auto (the accelerator if any, else cpu) or a torch device string
     deterministic: bool = False  # torch.use_deterministic_algorithms (bitwise resume on the CPU)
@@ -165,8 +167,9 @@ class Config:
         m = self.model
         if m.image_size < 32 or m.mid_map_size % 4 or m.high_map_size % 4:
             raise bad("model.image_size must be at least 32 and the map sizes multiples of 4")
-        if self.train.batch_size < 1 or self.train.log_every < 1 or self.train.checkpoint_every < 1:
-            raise bad("train.batch_size, log_every and checkpoint_every must be positive")
+        t = self.train
+        if t.batch_size < 1 or t.log_every < 1 or t.checkpoint_every < 1 or (t.val_every or 1) < 1:
+            raise bad("train.batch_size, log_every, checkpoint_every and val_every must be positive")
         if not self.data.wild:
             raise bad("data.wild lists no in-the-wild image folder (L_self needs at least one)")
         if (self.data.lab_root is None) != (self.data.lab_derived is None):
@@ -268,7 +271,7 @@ def _coerce(value, hint, name: str, where):
 
 
 PATH_FIELDS = {
-    "data": ("wild", "lab_root", "lab_derived"),
+    "data": ("wild", "lab_root", "lab_derived", "val"),
     "model": ("morphable_model", "uv_file", "backbone_weights", "regressor_weights"),
     "loss": ("recognizer_weights",),
     "train": ("out",),

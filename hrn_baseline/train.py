@@ -28,9 +28,10 @@ from facehd import conventions as cv
 from facehd.errors import FileFormatError, InputError
 from facehd.fsutil import atomic_open, atomic_path
 from facehd.morphable import rigid_transform, split_coeffs, to_camera
-from facehd.wild import template5_from_model
+from facehd.wild import WildImages, template5_from_model
 from hrn_baseline.config import COEFF_REG_EXP, COEFF_REG_ID, COEFF_REG_TEX, Config
 from hrn_baseline.data import LabViews, wild_dataset
+from hrn_baseline.evaluate import METRICS, evaluate, format_means
 from hrn_baseline.face_recognition import FaceRecognizer, landmarks68_to_5
 from hrn_baseline.losses import (
     LossWeights,
@@ -61,6 +62,7 @@ TRAIN_LOG = "train.log"
 CONFIG_COPY = "config.yaml"
 MAP_NAMES = ("mid", "high")  # discriminator / map names: deformation ("mid"), displacement ("high")
 PLOTTED = ("self/total", "super/total", "disc/total")
+VAL_PREFIX = "val/"  # validation metrics in the logs: val/landmark_px, val/posed_mm, ...
 
 Progress = Callable[..., Iterable]  # progress(iterable, total=n, desc=text, unit=text), e.g. tqdm
 
@@ -308,6 +310,9 @@ class Trainer:
         else:
             LOGGER.info("no in-the-lab data configured: training with L_self only on %d in-the-wild images "
                         "(no supervised or adversarial terms)", len(wild))
+        for folder in data.val:  # a wrong path stops the run now, not at the first validation
+            val = WildImages(folder, None if data.wild_aligned else template5, aligned=data.wild_aligned, size=size)
+            LOGGER.info("validating on %d images of %s every %d steps", len(val), folder, self.val_every)
 
     def _make_optimizers(self) -> None:
         o = self.config.optim
@@ -324,6 +329,10 @@ class Trainer:
             return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
         every = o.lr_decay_steps or max(1, round(o.lr_decay_epochs * self.wild.batches_per_epoch))
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=every, gamma=o.lr_gamma)
+
+    @property
+    def val_every(self) -> int:
+        return self.config.train.val_every or self.config.train.checkpoint_every
 
     @property
     def total_steps(self) -> int:
@@ -458,12 +467,16 @@ class Trainer:
             steps = self.progress(steps, total=len(steps), desc="hrn train", unit="step")
         cfg = self.config.train
         last_checkpoint, last_metrics, window = None, {}, []
+        if self.step == 0 and self.config.data.val and self.total_steps > 0:
+            self._log([], 0.0, self.validate())  # the errors at initialisation, as step 0
         step_started = time.perf_counter()
         for _ in steps:
             window.append(self.train_step())
             done = self.step == self.total_steps
-            if self.step % cfg.log_every == 0 or done:
-                last_metrics = self._log(window, time.perf_counter() - step_started)
+            validating = bool(self.config.data.val) and (self.step % self.val_every == 0 or done)
+            if self.step % cfg.log_every == 0 or done or validating:
+                val = self.validate() if validating else {}
+                last_metrics = self._log(window, time.perf_counter() - step_started, val)
                 window, step_started = [], time.perf_counter()
             if self.step % cfg.checkpoint_every == 0 or done:
                 last_checkpoint = self.save_checkpoint() or last_checkpoint
@@ -472,19 +485,45 @@ class Trainer:
         return TrainResult(out=self.out, start_step=start_step, steps=self.step, last_checkpoint=last_checkpoint,
                            last_metrics=last_metrics, seconds=time.perf_counter() - started, notes=list(self.notes))
 
-    def _log(self, window: list[dict[str, torch.Tensor]], seconds: float) -> dict[str, float]:
-        """Average the window's metrics over steps and processes, and write them (rank 0)."""
-        names = sorted(window[0])
-        values = torch.stack([torch.stack([m[k].float() for k in names]) for m in window]).mean(0)
+    def validate(self) -> dict[str, float]:
+        """Evaluate the model on ``data.val`` (each process a share of the images): the mean of each
+        `hrn_baseline.evaluate` metric as ``val/<metric>``. Unreadable images are logged and skipped."""
+        data = self.config.data
+        result = evaluate(self.hrn, data.val, aligned=data.wild_aligned, batch_size=self.config.train.batch_size,
+                          shard=(self.procs.rank, self.procs.world))
+        for where, problem in result.failures:
+            LOGGER.warning("validation skips %s: %s", where, problem)
+        values = result.values()
+        totals = torch.tensor([[sum(values[k]), len(values[k])] for k in METRICS], dtype=torch.float64)
         if self.procs.distributed:
-            dist.all_reduce(values)
-            values /= self.procs.world
-        row = {"step": self.step, "epoch": self.wild.epoch, "lr": self.opt_g.param_groups[0]["lr"],
-               "seconds_per_step": seconds / len(window), **dict(zip(names, values.tolist()))}
+            totals = totals.to(self.device)
+            dist.all_reduce(totals)
+            totals = totals.cpu()
+        return {f"{VAL_PREFIX}{k}": float(total / count) for k, (total, count) in zip(METRICS, totals.tolist())
+                if count > 0}
+
+    def _log(self, window: list[dict[str, torch.Tensor]], seconds: float,
+             val: dict[str, float] | None = None) -> dict[str, float]:
+        """Average the window's metrics over steps and processes, add the validation metrics, and
+        write them (rank 0). An empty window logs the validation alone (step 0)."""
+        row = {"step": self.step, "epoch": self.wild.epoch, "lr": self.opt_g.param_groups[0]["lr"]}
+        if window:
+            names = sorted(window[0])
+            values = torch.stack([torch.stack([m[k].float() for k in names]) for m in window]).mean(0)
+            if self.procs.distributed:
+                dist.all_reduce(values)
+                values /= self.procs.world
+            row.update({"seconds_per_step": seconds / len(window), **dict(zip(names, values.tolist()))})
+        row.update(val or {})
         if self.metrics_log is not None:
             self.metrics_log.append(row)
-            LOGGER.info("step %d/%d  self %.4f%s  (%.2f s/step)", self.step, self.total_steps, row["self/total"],
-                        f"  super {row['super/total']:.4f}" if "super/total" in row else "", row["seconds_per_step"])
+            if window:
+                LOGGER.info("step %d/%d  self %.4f%s  (%.2f s/step)", self.step, self.total_steps, row["self/total"],
+                            f"  super {row['super/total']:.4f}" if "super/total" in row else "",
+                            row["seconds_per_step"])
+            if val:
+                means = {k[len(VAL_PREFIX):]: v for k, v in val.items()}
+                LOGGER.info("step %d/%d  validation: %s", self.step, self.total_steps, format_means(means))
         return row
 
 
@@ -516,6 +555,7 @@ class MetricsLog:
             columns = list(self.rows[0])
             for row in self.rows[1:]:
                 columns += [k for k in row if k not in columns]
+            columns.sort(key=lambda k: k.startswith(VAL_PREFIX))  # validation last (stable sort)
             with atomic_open(self.csv_path, newline="") as fh:
                 writer = csv.DictWriter(fh, fieldnames=columns, restval="")
                 writer.writeheader()
@@ -533,23 +573,31 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def plot_loss_curve(rows: list[dict], path: Path) -> None:
-    """Totals of L_self, L_super and the discriminators against the step (log scale), as a PNG."""
+    """Totals of L_self, L_super and the discriminators against the step (log scale), and beside
+    them the validation errors when the run has any, as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    val_keys = [VAL_PREFIX + k for k in METRICS if any(VAL_PREFIX + k in r for r in rows)]
+    fig, axes = plt.subplots(1, 2 if val_keys else 1, figsize=(12 if val_keys else 7, 4), squeeze=False)
     try:
-        for key in PLOTTED:
-            points = [(r["step"], r[key]) for r in rows if key in r and r[key] > 0]
-            if points:
-                ax.plot(*zip(*points), marker="." if len(points) < 30 else None, label=key)
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss")
-        ax.set_yscale("log")
-        ax.grid(True, alpha=0.3)
-        ax.legend()
+        panels = ((axes[0, 0], PLOTTED, "loss", "log"), *(((axes[0, 1], val_keys, "error", "linear"),)
+                                                          if val_keys else ()))
+        for ax, keys, label, scale in panels:
+            for key in keys:
+                points = [(r["step"], r[key]) for r in rows if key in r and r[key] > 0]
+                if points:
+                    ax.plot(*zip(*points), marker="." if len(points) < 30 else None, label=key)
+            ax.set_xlabel("step")
+            ax.set_ylabel(label)
+            ax.set_yscale(scale)
+            ax.grid(True, alpha=0.3)
+            if ax.lines:
+                ax.legend()
+        if val_keys:
+            axes[0, 1].set_title("validation (px: landmarks at 224; mm: point-to-surface)", fontsize=9)
         fig.tight_layout()
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format="png", dpi=100)

@@ -37,9 +37,10 @@ def tiny_model_config(**overrides) -> ModelConfig:
     return ModelConfig.small(**{**TINY_MODEL, **overrides})
 
 
-def tiny_config(out: Path, wild: Path, lab: tuple[Path, Path] | None = None, **train) -> Config:
-    """A valid config for a few-step CPU run on the tiny sets."""
-    data = DataConfig(wild=[str(wild)])
+def tiny_config(out: Path, wild: Path, lab: tuple[Path, Path] | None = None, val: Path | None = None,
+                **train) -> Config:
+    """A valid config for a few-step CPU run on the tiny sets (validating on ``val`` if given)."""
+    data = DataConfig(wild=[str(wild)], val=[] if val is None else [str(val)])
     if lab is not None:
         data = dataclasses.replace(data, lab_root=str(lab[0]), lab_derived=str(lab[1]), lab_split=None,
                                    lab_views=[0, 4])

@@ -9,28 +9,23 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
 from click.testing import CliRunner
 from hrn_factory import tiny_config, tiny_model_config
 
-from facehd import conventions as cv
-from facehd.distance import point_to_surface
 from facehd.errors import FileFormatError, InputError
-from facehd.morphable import rotation_matrix
-from facehd.procrustes import fit_similarity
-from facehd.synth.wild import generate_wild, read_truth, truth_path
+from facehd.synth.wild import generate_wild
 from facehd.wild import template5_from_model
 from hrn_baseline.cli import main
 from hrn_baseline.config import Config, LossConfig, ModelConfig, load_config
 from hrn_baseline.data import LabViews, wild_dataset
+from hrn_baseline.evaluate import METRICS, evaluate
 from hrn_baseline.losses import LossWeights
-from hrn_baseline.model import HRN, load_hrn_morphable
+from hrn_baseline.model import load_hrn_morphable
 from hrn_baseline.predict import load_model
 from hrn_baseline.train import BatchStream, Processes, Trainer, load_checkpoint, train
 
@@ -131,11 +126,11 @@ def _parameters(path: Path) -> dict[str, torch.Tensor]:
 def test_resume_is_exact(tmp_path, tiny_wild, tiny_lab):
     """2N steps straight equal N steps, a resume, and N more, bit for bit (L_self, L_super and the
     discriminators, dropout included; deterministic algorithms on the CPU)."""
-    straight = train(tiny_config(tmp_path / "straight", tiny_wild, tiny_lab, steps=4, checkpoint_every=4,
-                                 deterministic=True))
-    train(tiny_config(tmp_path / "split", tiny_wild, tiny_lab, steps=2, checkpoint_every=2, deterministic=True))
-    resumed = train(tiny_config(tmp_path / "split", tiny_wild, tiny_lab, steps=4, checkpoint_every=2,
-                                deterministic=True), resume=True)
+    settings = dict(val=tiny_wild, val_every=2, deterministic=True)  # validating must not disturb the run
+    straight = train(tiny_config(tmp_path / "straight", tiny_wild, tiny_lab, steps=4, checkpoint_every=4, **settings))
+    train(tiny_config(tmp_path / "split", tiny_wild, tiny_lab, steps=2, checkpoint_every=2, **settings))
+    resumed = train(tiny_config(tmp_path / "split", tiny_wild, tiny_lab, steps=4, checkpoint_every=2, **settings),
+                    resume=True)
     assert resumed.start_step == 2 and resumed.steps == 4
     a, b = _parameters(straight.last_checkpoint), _parameters(resumed.last_checkpoint)
     assert a.keys() == b.keys() and any(k.startswith("disc.") for k in a)
@@ -146,9 +141,11 @@ def test_resume_is_exact(tmp_path, tiny_wild, tiny_lab):
     assert any(not torch.equal(first["model"][k], v) for k, v in last.items())
     # the resumed run's logs continue the first one's without duplicates
     rows = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3, 4] and "super/mid" in rows[-1] and "disc/total" in rows[-1]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4] and "super/mid" in rows[-1] and "disc/total" in rows[-1]
+    assert [r["step"] for r in rows if "val/posed_mm" in r] == [0, 2, 4]  # at the start, then every 2 steps
     straight_rows = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["self/total"] == straight_rows[-1]["self/total"]
+    assert rows[-1]["val/shape_mm"] == straight_rows[-1]["val/shape_mm"]
     assert not torch.are_deterministic_algorithms_enabled()  # train() restores the global setting
 
 
@@ -239,7 +236,7 @@ LEARN_LANDMARK_WEIGHT = 1e-2
 # (which the pose and translation should explain) is shared out to id / exp components and nothing
 # pulls it back (measured: a batch-constant id offset of norm ~2 sigma after 400 steps, +4-8 % shape error).
 LEARN_COEFF_REG = 2e-3
-# What is measured, from the initial mean face, on the 32 held-out faces (see `held_out_errors`):
+# What is measured, from the initial mean face, on the 32 held-out faces (`hrn_baseline.evaluate`):
 # - landmark error: 15.3 px (224-pixel units) at initialisation; falls to about 45 % in these steps.
 # - posed point-to-surface error, the face in the head pose of the image (truth and prediction each
 #   turned by its own head rotation): 17.1 mm at initialisation (a frontal mean face against faces
@@ -261,58 +258,31 @@ LEARN_COEFF_REG = 2e-3
 LANDMARK_FRACTION, POSED_FRACTION, SHAPE_GUARD = 0.7, 0.7, 1.05
 
 
-def held_out_errors(model, root: Path) -> tuple[float, float, float, float]:
-    """Over a folder with ground truth: the mean landmark error in pixels of a 224 crop (whatever the
-    model's size), and three mean point-to-surface distances in mm from each truth shape's
-    front-region vertices to the predicted mid mesh M1: posed (truth and prediction each turned by
-    its own head rotation about the model origin; the camera's translation and scale are left out,
-    since the 5-point crop changes them), and before pose, directly and after a similarity alignment
-    of the prediction's front region onto the truth's (which removes the scale that perspective
-    leaves ambiguous)."""
-    morphable = model.morphable
-    size = model.image_size
-    data = wild_dataset([root], template5_from_model(morphable, size), size)
-    batch = torch.utils.data.default_collate([data[i] for i in range(len(data))])
-    model.eval()
-    with torch.no_grad():
-        out = model(batch["image"], batch["mask"])
-    landmark_px = float((out.landmarks - batch["landmarks"]).norm(dim=-1).mean()) * cv.IMAGE_SIZE / size
-    front, faces = morphable.front_vertices.cpu().numpy(), morphable.faces.cpu().numpy()
-    angle = cv.COEFF_SLICES["angle"]
-    predicted_rotation = rotation_matrix(out.coeffs[:, angle].double()).cpu().numpy()
-    posed, direct, aligned = [], [], []
-    for b, name in enumerate(batch["name"]):
-        truth = read_truth(truth_path(root, name))
-        shape = truth.shape.astype(np.float64)
-        truth_rotation = rotation_matrix(torch.from_numpy(truth.coeffs[angle])[None].double())[0].numpy()
-        predicted = out.shape_mid[b].double().cpu().numpy()
-        posed.append(point_to_surface((shape @ truth_rotation.T)[front], predicted @ predicted_rotation[b].T, faces))
-        direct.append(point_to_surface(shape[front], predicted, faces))
-        moved = fit_similarity(predicted[front], shape[front]).apply(predicted)
-        aligned.append(point_to_surface(shape[front], moved, faces))
-    return landmark_px, *(float(np.mean([d.mean() for d in ds])) * cv.MM_PER_MODEL_UNIT
-                          for ds in (posed, direct, aligned))
-
-
 @pytest.mark.slow
 def test_small_hrn_learns_on_synthetic_faces(tmp_path, record_property):
     model_config = ModelConfig.small(**LEARN_MODEL)
     morphable = load_hrn_morphable(model_config)
     generate_wild(tmp_path / "train", LEARN_IMAGES, model=morphable, image_size=LEARN_SOURCE_PIXELS, seed=0)
     generate_wild(tmp_path / "held_out", LEARN_HELD_OUT, model=morphable, image_size=LEARN_SOURCE_PIXELS, seed=1)
-    config = Config(data=dataclasses.replace(Config().data, wild=[str(tmp_path / "train")]), model=model_config,
+    data = dataclasses.replace(Config().data, wild=[str(tmp_path / "train")], val=[str(tmp_path / "held_out")])
+    config = Config(data=data, model=model_config,
                     loss=LossConfig(weights={"landmark": LEARN_LANDMARK_WEIGHT}, coeff_reg=LEARN_COEFF_REG),
                     optim=dataclasses.replace(Config().optim, lr=LEARN_LR, lr_decay_steps=LEARN_DECAY_STEPS),
                     train=dataclasses.replace(Config().train, steps=LEARN_STEPS, batch_size=LEARN_BATCH, log_every=50,
-                                              checkpoint_every=LEARN_STEPS, device="cpu")).validate()
-    # at initialisation the zero heads predict the mean face, frontal, whatever the backbone's weights
-    before = held_out_errors(HRN(morphable, model_config), tmp_path / "held_out")
-    started = time.perf_counter()
+                                              val_every=100, checkpoint_every=LEARN_STEPS, device="cpu")).validate()
     result = train(config, tmp_path / "run")
-    after = held_out_errors(load_model(result.last_checkpoint, device="cpu"), tmp_path / "held_out")
-    for name, first, last in zip(("landmark_px", "posed_mm", "shape_mm", "aligned_shape_mm"), before, after):
+    # the run validates on the held-out faces at step 0 (zero heads: the mean face, frontal) and every 100 steps
+    rows = [r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+            if "val/posed_mm" in r]
+    assert [r["step"] for r in rows] == [0, 100, 200, 300, 400]
+    names = ["val/" + k for k in METRICS]
+    before, after = ([row[k] for k in names] for row in (rows[0], rows[-1]))
+    for name, first, last in zip(METRICS, before, after):
         record_property(name, f"{first:.3f} -> {last:.3f} ({last / first:.0%})")
-    record_property("train_seconds", round(time.perf_counter() - started, 1))
+    record_property("train_seconds", round(result.seconds, 1))
+    # the trainer's validation is `hrn evaluate`'s: the saved model gives the same errors
+    again = evaluate(load_model(result.last_checkpoint, device="cpu"), [tmp_path / "held_out"]).means()
+    assert [again[k] for k in METRICS] == pytest.approx(after, rel=1e-5)
     assert after[0] <= LANDMARK_FRACTION * before[0], f"held-out landmark error {before[0]:.2f} -> {after[0]:.2f} px"
     assert after[1] <= POSED_FRACTION * before[1], f"held-out posed error {before[1]:.2f} -> {after[1]:.2f} mm"
     for k, what in ((2, "shape error"), (3, "similarity-aligned shape error")):
