@@ -175,6 +175,13 @@ def test_a_run_writes_logs_and_checkpoints_and_refuses_to_overwrite(tmp_path, ti
         train(changed, resume=True)
 
 
+def test_a_missing_validation_folder_stops_the_run_before_training(tmp_path, tiny_wild):
+    with pytest.raises(FileFormatError, match="not an in-the-wild image folder") as info:
+        train(tiny_config(tmp_path / "run", tiny_wild, val=tmp_path / "nowhere"))
+    assert str(tmp_path / "nowhere") in str(info.value)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_learning_rate_follows_the_step_schedule(tmp_path, tiny_wild):
     config = tiny_config(tmp_path / "lr", tiny_wild, steps=4)
     trainer = Trainer(config, tmp_path / "lr", Processes())
@@ -200,7 +207,7 @@ def test_torchrun_trains_with_two_processes(tmp_path, tiny_wild):
     torchrun = shutil.which("torchrun") or (Path(sys.executable).parent / "torchrun")
     if not Path(torchrun).is_file():
         pytest.skip("torchrun is not installed beside this Python")
-    config = tiny_config(tmp_path / "ddp", tiny_wild, steps=2, batch_size=2)
+    config = tiny_config(tmp_path / "ddp", tiny_wild, val=tiny_wild, steps=2, batch_size=2)
     path = tmp_path / "config.yaml"
     path.write_text(config.to_yaml())
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -213,7 +220,11 @@ def test_torchrun_trains_with_two_processes(tmp_path, tiny_wild):
     assert "with 2 process(es)" in log
     state = load_checkpoint(out / "checkpoints" / "last.pt")
     assert state["step"] == 2 and len(state["rng"]) == 2  # both ranks' random states
-    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    # each process validates half of the images; together they give the whole set's means
+    means = evaluate(load_model(out / "checkpoints" / "last.pt", device="cpu"), [tiny_wild]).means()
+    assert [rows[-1]["val/" + k] for k in METRICS] == pytest.approx([means[k] for k in METRICS], rel=1e-4)
 
 
 # ----------------------------------------------------------------------------------------------
