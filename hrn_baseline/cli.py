@@ -109,17 +109,19 @@ def predict(checkpoint: Path | None, images: tuple[Path, ...], landmarks: Path |
               help="Also evaluate the model as training starts it (zero heads: the mean face, frontal).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the checkpoint's per-image errors to this CSV.")
+@click.option("--preview", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write a PNG sheet of the first images: input with landmarks, and the renders R1 and R2.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, or a torch device string.")
 @reports_errors
 def evaluate(checkpoint: Path, folders: tuple[Path, ...], aligned: bool, baseline: bool, out: Path | None,
-             batch_size: int, device: str):
+             preview: Path | None, batch_size: int, device: str):
     """Measure a checkpoint on held-out images: the landmark error against the folders' 68 landmarks
     (pixels of a 224 crop) and, on synthetic folders with ground truth, the point-to-surface errors
     of the mid mesh against the true face (mm; truth -> prediction). Unreadable images are reported
     and skipped (exit status 1)."""
     from facehd.clitools import progress
-    from hrn_baseline.evaluate import METRIC_NOTES, format_table, initial_model
+    from hrn_baseline.evaluate import METRIC_NOTES, PREVIEW_IMAGES, format_table, initial_model, save_preview
     from hrn_baseline.evaluate import evaluate as run_evaluation
     from hrn_baseline.predict import load_model
 
@@ -129,12 +131,15 @@ def evaluate(checkpoint: Path, folders: tuple[Path, ...], aligned: bool, baselin
         evaluations["initialisation"] = run_evaluation(initial_model(model), folders, aligned=aligned,
                                                        batch_size=batch_size, progress=progress)
     result = evaluations[str(checkpoint)] = run_evaluation(model, folders, aligned=aligned, batch_size=batch_size,
+                                                           preview=PREVIEW_IMAGES if preview else 0,
                                                            progress=progress)
     click.echo(format_table(evaluations))
     for key in result.means():
         click.echo(f"  {key}: {METRIC_NOTES[key]}")
     if out is not None:
         click.echo(f"per-image errors: {result.write_csv(out)}")
+    if preview is not None and result.preview:
+        click.echo(f"preview: {save_preview(result.preview, preview, title=str(checkpoint))}")
     for where, problem in result.failures:
         click.echo(f"FAILED {where}: {problem}")
     if result.failures:

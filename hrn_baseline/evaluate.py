@@ -21,12 +21,12 @@ import torch
 from facehd import conventions as cv
 from facehd.distance import point_to_surface
 from facehd.errors import FaceHDError, FileFormatError, InputError
-from facehd.fsutil import atomic_open
+from facehd.fsutil import atomic_open, atomic_path
 from facehd.morphable import rotation_matrix
 from facehd.procrustes import fit_similarity
 from facehd.synth.wild import TRUTH_DIR, WildTruth, read_truth, truth_path
 from facehd.wild import WildImages, template5_from_model
-from hrn_baseline.model import HRN
+from hrn_baseline.model import HRN, HRNOutput
 
 METRICS = ("landmark_px", "posed_mm", "shape_mm", "aligned_shape_mm")
 TRUTH_METRICS = METRICS[1:]
@@ -39,6 +39,9 @@ METRIC_NOTES = {
                         "the truth's (removes the scale that perspective leaves ambiguous)",
 }
 DEFAULT_BATCH_SIZE = 32
+PREVIEW_IMAGES = 4  # rows of a preview sheet
+PREVIEW_COLUMNS = ("input; landmarks: folder (green), model (red)", "R1: mid mesh (deformation)",
+                   "R2: detail normals (displacement)")
 
 Progress = Callable[..., Iterable]
 
@@ -56,11 +59,26 @@ class ImageErrors:
 
 
 @dataclass
+class PreviewImage:
+    """What a preview sheet shows of one image: the input crop, the two renders pasted onto it,
+    and the folder's and the model's landmarks (crop pixels, x and row)."""
+
+    name: str
+    image: np.ndarray  # (S, S, 3) float in [0, 1]
+    render_mid: np.ndarray  # (S, S, 3) R1 over the input
+    render_high: np.ndarray  # (S, S, 3) R2 over the input
+    landmarks: np.ndarray  # (68, 2) the folder's
+    predicted: np.ndarray  # (68, 2) the model's (M1's keypoints)
+
+
+@dataclass
 class Evaluation:
-    """Per-image errors of one evaluation, and the images that could not be evaluated."""
+    """Per-image errors of one evaluation, the images that could not be evaluated, and the first
+    images' renders when a preview was asked for."""
 
     rows: list[ImageErrors] = field(default_factory=list)
     failures: list[tuple[str, str]] = field(default_factory=list)  # (folder/name or folder, problem)
+    preview: list[PreviewImage] = field(default_factory=list)
 
     def means(self) -> dict[str, float]:
         """The mean of each metric over the images that have it (metrics no image has are left out)."""
@@ -104,12 +122,13 @@ def truth_errors(predicted: np.ndarray, predicted_rotation: np.ndarray, truth: W
 
 
 def evaluate(model: HRN, folders: Sequence[str | Path], *, aligned: bool = False,
-             batch_size: int = DEFAULT_BATCH_SIZE, shard: tuple[int, int] = (0, 1),
+             batch_size: int = DEFAULT_BATCH_SIZE, shard: tuple[int, int] = (0, 1), preview: int = 0,
              progress: Progress | None = None) -> Evaluation:
     """Evaluate ``model`` (left in the train / eval mode it came in) on in-the-wild ``folders``.
 
     ``aligned``: the images are already the model's crops (as `data.wild_aligned`). ``shard`` (k, n)
-    evaluates images k, k + n, ... of each folder (the trainer's processes split the work). An
+    evaluates images k, k + n, ... of each folder (the trainer's processes split the work).
+    ``preview``: keep the renders of the first that many images for `save_preview`. An
     image or truth file that cannot be read is listed in ``failures`` and the rest go on; a truth
     shape of another morphable model raises `FileFormatError` (every image would fail). The global
     random state is not touched, so a run that validates resumes bit for bit.
@@ -156,14 +175,17 @@ def evaluate(model: HRN, folders: Sequence[str | Path], *, aligned: bool = False
                     items.append(item)
                     truths.append(truth)
                 if items:
-                    result.rows += _evaluate_batch(model, items, truths, folder, front, faces, device)
+                    rows, out = _evaluate_batch(model, items, truths, folder, front, faces, device)
+                    result.rows += rows
+                    result.preview += _preview_images(items, out, preview - len(result.preview))
     finally:
         model.train(was_training)
     return result
 
 
 def _evaluate_batch(model: HRN, items: list[dict], truths: list[WildTruth | None], folder: Path,
-                    front: np.ndarray, faces: np.ndarray, device: torch.device) -> list[ImageErrors]:
+                    front: np.ndarray, faces: np.ndarray, device: torch.device
+                    ) -> tuple[list[ImageErrors], HRNOutput]:
     batch = torch.utils.data.default_collate(items)
     with torch.no_grad():
         out = model(batch["image"].to(device), batch["mask"].to(device))
@@ -178,7 +200,53 @@ def _evaluate_batch(model: HRN, items: list[dict], truths: list[WildTruth | None
             row.posed_mm, row.shape_mm, row.aligned_shape_mm = truth_errors(shapes[b], rotations[b], truth, front,
                                                                             faces)
         rows.append(row)
-    return rows
+    return rows, out
+
+
+def _preview_images(items: list[dict], out: HRNOutput, count: int) -> list[PreviewImage]:
+    def pasted(render: torch.Tensor, b: int) -> np.ndarray:
+        mask = out.render_mask[b].cpu()
+        return (render[b].cpu() * mask + items[b]["image"] * (1 - mask)).clamp(0, 1).permute(1, 2, 0).numpy()
+
+    return [PreviewImage(name=items[b]["name"], image=items[b]["image"].permute(1, 2, 0).numpy(),
+                         render_mid=pasted(out.render_mid, b), render_high=pasted(out.render_high, b),
+                         landmarks=np.asarray(items[b]["landmarks"]), predicted=out.landmarks[b].cpu().numpy())
+            for b in range(min(max(count, 0), len(items)))]
+
+
+def save_preview(images: Sequence[PreviewImage], path: str | Path, title: str | None = None) -> Path:
+    """A PNG sheet, one row per image: the input with both landmark sets, R1 and R2 over the input."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    if not images:
+        raise InputError("no image to preview")
+    fig, axes = plt.subplots(len(images), 3, figsize=(9, 3 * len(images)), squeeze=False)
+    try:
+        for row, item in zip(axes, images):
+            for ax, picture in zip(row, (item.image, item.render_mid, item.render_high)):
+                ax.imshow(picture, interpolation="nearest")
+                ax.set_xticks([])
+                ax.set_yticks([])
+            size = item.image.shape[0]
+            marker = max(2.0, 6.0 * size / cv.IMAGE_SIZE)
+            row[0].scatter(*item.landmarks.T, s=marker, c="lime", linewidths=0)
+            row[0].scatter(*item.predicted.T, s=marker, c="red", linewidths=0)
+            row[0].set_xlim(-0.5, size - 0.5)
+            row[0].set_ylim(size - 0.5, -0.5)
+            row[0].set_ylabel(item.name, fontsize=8)
+        for ax, label in zip(axes[0], PREVIEW_COLUMNS):
+            ax.set_title(label, fontsize=8)
+        if title:
+            fig.suptitle(title, fontsize=10)
+        fig.tight_layout()
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=100)
+    finally:
+        plt.close(fig)
+    return Path(path)
 
 
 def format_means(means: dict[str, float], count: int | None = None) -> str:

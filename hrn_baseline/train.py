@@ -31,7 +31,7 @@ from facehd.morphable import rigid_transform, split_coeffs, to_camera
 from facehd.wild import WildImages, template5_from_model
 from hrn_baseline.config import COEFF_REG_EXP, COEFF_REG_ID, COEFF_REG_TEX, Config
 from hrn_baseline.data import LabViews, wild_dataset
-from hrn_baseline.evaluate import METRICS, evaluate, format_means
+from hrn_baseline.evaluate import METRICS, PREVIEW_IMAGES, evaluate, format_means, save_preview
 from hrn_baseline.face_recognition import FaceRecognizer, landmarks68_to_5
 from hrn_baseline.losses import (
     LossWeights,
@@ -60,6 +60,7 @@ METRICS_JSONL = "metrics.jsonl"
 LOSS_CURVE_PNG = "loss_curve.png"
 TRAIN_LOG = "train.log"
 CONFIG_COPY = "config.yaml"
+PREVIEW_DIR = "previews"  # previews/step_<step>.png at each validation
 MAP_NAMES = ("mid", "high")  # discriminator / map names: deformation ("mid"), displacement ("high")
 PLOTTED = ("self/total", "super/total", "disc/total")
 VAL_PREFIX = "val/"  # validation metrics in the logs: val/landmark_px, val/posed_mm, ...
@@ -487,12 +488,16 @@ class Trainer:
 
     def validate(self) -> dict[str, float]:
         """Evaluate the model on ``data.val`` (each process a share of the images): the mean of each
-        `hrn_baseline.evaluate` metric as ``val/<metric>``. Unreadable images are logged and skipped."""
+        `hrn_baseline.evaluate` metric as ``val/<metric>``, and (rank 0) a sheet of the first images'
+        renders in OUT/previews/step_<step>.png. Unreadable images are logged and skipped."""
         data = self.config.data
         result = evaluate(self.hrn, data.val, aligned=data.wild_aligned, batch_size=self.config.train.batch_size,
-                          shard=(self.procs.rank, self.procs.world))
+                          shard=(self.procs.rank, self.procs.world), preview=PREVIEW_IMAGES if self.procs.main else 0)
         for where, problem in result.failures:
             LOGGER.warning("validation skips %s: %s", where, problem)
+        if result.preview:
+            save_preview(result.preview, self.out / PREVIEW_DIR / f"step_{self.step:07d}.png",
+                         title=f"step {self.step}: held-out images")
         values = result.values()
         totals = torch.tensor([[sum(values[k]), len(values[k])] for k in METRICS], dtype=torch.float64)
         if self.procs.distributed:

@@ -17,7 +17,7 @@ from facehd.errors import FileFormatError, InputError
 from facehd.morphable import rotation_matrix
 from facehd.synth.wild import TRUTH_DIR, WildTruth, read_truth, truth_path, write_truth
 from hrn_baseline.cli import main
-from hrn_baseline.evaluate import METRICS, evaluate, format_table, initial_model, truth_errors
+from hrn_baseline.evaluate import METRICS, evaluate, format_table, initial_model, save_preview, truth_errors
 from hrn_baseline.predict import load_model
 
 
@@ -88,6 +88,21 @@ def test_initial_model_predicts_the_mean_face_without_touching_the_random_state(
     assert lines[1].startswith("initialisation") and lines[2].split()[1] == str(WILD_IMAGES)
 
 
+def test_preview_sheet_of_the_first_images(model, tiny_wild, tmp_path):
+    result = evaluate(model, [tiny_wild], batch_size=2, preview=3)  # the preview spans batches
+    assert [p.name for p in result.preview] == [r.name for r in result.rows[:3]]
+    size = model.image_size
+    first = result.preview[0]
+    assert first.image.shape == first.render_mid.shape == first.render_high.shape == (size, size, 3)
+    assert first.landmarks.shape == first.predicted.shape == (68, 2)
+    assert 0 <= first.render_high.min() and first.render_high.max() <= 1
+    assert not np.array_equal(first.render_mid, first.image)  # the face is pasted onto the input
+    assert save_preview(result.preview, tmp_path / "p" / "sheet.png").read_bytes()[:4] == b"\x89PNG"
+    assert not evaluate(model, [tiny_wild]).preview
+    with pytest.raises(InputError, match="no image"):
+        save_preview([], tmp_path / "empty.png")
+
+
 def test_bad_images_are_reported_and_the_rest_evaluated(model, tiny_wild, tmp_path):
     folder = tmp_path / "wild"
     shutil.copytree(tiny_wild, folder)
@@ -122,12 +137,14 @@ def test_truth_of_another_model_is_refused(model, tiny_wild, tmp_path):
 def test_cli_evaluate(tiny_checkpoint, tiny_wild, tmp_path):
     out = tmp_path / "errors.csv"
     result = CliRunner().invoke(main, ["evaluate", "--checkpoint", str(tiny_checkpoint), "--images", str(tiny_wild),
-                                       "--baseline", "--out", str(out), "--device", "cpu"])
+                                       "--baseline", "--out", str(out), "--preview", str(tmp_path / "p.png"),
+                                       "--device", "cpu"])
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert lines[1].startswith("initialisation") and lines[2].startswith(str(tiny_checkpoint))
     assert "posed_mm: truth -> prediction point-to-surface" in result.output
     assert len(out.read_text().splitlines()) == WILD_IMAGES + 1
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG" and "preview: " in result.output
     broken = tmp_path / "broken"
     shutil.copytree(tiny_wild, broken)
     (broken / "images" / "000000.png").write_bytes(b"")
