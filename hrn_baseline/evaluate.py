@@ -10,7 +10,6 @@ alignment. The trainer runs the same evaluation on ``data.val`` (see `hrn_baseli
 from __future__ import annotations
 
 import csv
-import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -196,7 +195,9 @@ def _evaluate_batch(model: HRN, items: list[dict], truths: list[WildTruth | None
     rows = []
     for b, (name, truth) in enumerate(zip(batch["name"], truths)):
         row = ImageErrors(folder=str(folder), name=name, landmark_px=float(landmark_px[b]))
-        if truth is not None:
+        if truth is not None and not np.isfinite(shapes[b]).all():  # a diverged model: say so, go on
+            row.posed_mm = row.shape_mm = row.aligned_shape_mm = float("nan")
+        elif truth is not None:
             row.posed_mm, row.shape_mm, row.aligned_shape_mm = truth_errors(shapes[b], rotations[b], truth, front,
                                                                             faces)
         rows.append(row)
@@ -253,7 +254,7 @@ def format_means(means: dict[str, float], count: int | None = None) -> str:
     """One line, e.g. 'landmark 6.86 px, posed 7.31 mm, shape 2.67 mm, aligned shape 2.40 mm'."""
     parts = []
     for key in METRICS:
-        if key in means and math.isfinite(means[key]):
+        if key in means:
             label, unit = key.rsplit("_", 1)
             parts.append(f"{label.replace('_', ' ')} {means[key]:.3f} {unit}")
     text = ", ".join(parts) if parts else "no metric"

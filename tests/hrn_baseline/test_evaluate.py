@@ -3,6 +3,7 @@ failures that do not stop the rest, and the command line."""
 
 from __future__ import annotations
 
+import copy
 import csv
 import shutil
 
@@ -17,7 +18,15 @@ from facehd.errors import FileFormatError, InputError
 from facehd.morphable import rotation_matrix
 from facehd.synth.wild import TRUTH_DIR, WildTruth, read_truth, truth_path, write_truth
 from hrn_baseline.cli import main
-from hrn_baseline.evaluate import METRICS, evaluate, format_table, initial_model, save_preview, truth_errors
+from hrn_baseline.evaluate import (
+    METRICS,
+    evaluate,
+    format_means,
+    format_table,
+    initial_model,
+    save_preview,
+    truth_errors,
+)
 from hrn_baseline.predict import load_model
 
 
@@ -120,6 +129,16 @@ def test_bad_images_are_reported_and_the_rest_evaluated(model, tiny_wild, tmp_pa
     path = result.write_csv(tmp_path / "errors.csv")
     rows = list(csv.DictReader(path.open()))
     assert len(rows) == len(result.rows) and rows[-1]["posed_mm"] == "" and float(rows[0]["posed_mm"]) > 0
+
+
+def test_a_diverged_model_gets_nan_errors_not_a_crash(model, tiny_wild):
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        for parameter in broken.regressor.parameters():
+            parameter.fill_(float("nan"))
+    result = evaluate(broken, [tiny_wild])
+    assert len(result.rows) == WILD_IMAGES and not result.failures
+    assert all(np.isnan(v) for v in result.means().values()) and "shape nan mm" in format_means(result.means())
 
 
 def test_truth_of_another_model_is_refused(model, tiny_wild, tmp_path):
