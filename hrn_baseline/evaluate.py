@@ -28,7 +28,6 @@ from facehd.wild import WildImages, template5_from_model
 from hrn_baseline.model import HRN, HRNOutput
 
 METRICS = ("landmark_px", "posed_mm", "shape_mm", "aligned_shape_mm")
-TRUTH_METRICS = METRICS[1:]
 METRIC_NOTES = {
     "landmark_px": "mean distance of the 68 projected landmarks to the folder's, in pixels of a 224 crop",
     "posed_mm": "truth -> prediction point-to-surface, each face turned by its own head rotation (camera "
@@ -250,13 +249,19 @@ def save_preview(images: Sequence[PreviewImage], path: str | Path, title: str | 
     return Path(path)
 
 
+def _label_and_unit(metric: str) -> tuple[str, str]:
+    """'aligned_shape_mm' -> ('aligned shape', 'mm')."""
+    label, unit = metric.rsplit("_", 1)
+    return label.replace("_", " "), unit
+
+
 def format_means(means: dict[str, float], count: int | None = None) -> str:
     """One line, e.g. 'landmark 6.86 px, posed 7.31 mm, shape 2.67 mm, aligned shape 2.40 mm'."""
     parts = []
     for key in METRICS:
         if key in means:
-            label, unit = key.rsplit("_", 1)
-            parts.append(f"{label.replace('_', ' ')} {means[key]:.3f} {unit}")
+            label, unit = _label_and_unit(key)
+            parts.append(f"{label} {means[key]:.3f} {unit}")
     text = ", ".join(parts) if parts else "no metric"
     return f"{text} ({count} images)" if count is not None else text
 
@@ -273,10 +278,10 @@ def initial_model(like: HRN) -> HRN:
 
 def format_table(evaluations: dict[str, Evaluation]) -> str:
     """A text table: one row per evaluated model (its label), the image count and each metric's mean."""
-    present = [k for k in METRICS if any(k in e.means() for e in evaluations.values())]
-    headers = ["model", "images", *(f"{k.rsplit('_', 1)[0].replace('_', ' ')} ({k.rsplit('_', 1)[1]})"
-                                    for k in present)]
-    body = [[label, str(len(e.rows)), *(f"{e.means()[k]:.3f}" if k in e.means() else "-" for k in present)]
+    means = {label: e.means() for label, e in evaluations.items()}
+    present = [k for k in METRICS if any(k in m for m in means.values())]
+    headers = ["model", "images", *("{} ({})".format(*_label_and_unit(k)) for k in present)]
+    body = [[label, str(len(e.rows)), *(f"{means[label][k]:.3f}" if k in means[label] else "-" for k in present)]
             for label, e in evaluations.items()]
     widths = [max(len(r[i]) for r in [headers, *body]) for i in range(len(headers))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
