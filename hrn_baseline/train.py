@@ -110,15 +110,23 @@ def _processes_from_env() -> Processes:
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """"auto": the machine's accelerator (one per local rank) if there is one, else the CPU."""
-    if name != "auto":
-        return torch.device(name)
-    # a CUDA build names its accelerator even on a machine without a GPU: ask whether it is usable
-    usable = hasattr(torch, "accelerator") and torch.accelerator.is_available()
-    accelerator = torch.accelerator.current_accelerator() if usable else None
-    if accelerator is None:
-        return torch.device("cpu")
-    return torch.device(accelerator.type, local_rank % max(torch.accelerator.device_count(), 1))
+    """"auto": the machine's accelerator if there is one, else the CPU. An accelerator without an
+    index ("auto", "cuda") gets one per local rank, so that each torchrun process has its own; one
+    that is not there is an `InputError`."""
+    if name == "auto":
+        # a CUDA build names its accelerator even on a machine without a GPU: ask whether it is usable
+        usable = hasattr(torch, "accelerator") and torch.accelerator.is_available()
+        accelerator = torch.accelerator.current_accelerator() if usable else None
+        name = accelerator.type if accelerator is not None else "cpu"
+    device = torch.device(name)
+    if device.type == "cpu":
+        return device
+    backend = getattr(torch, device.type, None)
+    count = backend.device_count() if hasattr(backend, "device_count") else 0
+    if (device.index or 0) >= count:
+        raise InputError(f"device {name!r} is not usable here: {count} {device.type} device(s) visible; "
+                         "use 'cpu', or 'auto' for the machine's accelerator if it has one")
+    return device if device.index is not None else torch.device(device.type, local_rank % count)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ image row 0 at the top, -1 for the background, barycentrics of faces[f, 0], face
 from __future__ import annotations
 
 import importlib
+import sys
 
 import torch
 
@@ -38,6 +39,33 @@ def import_nvdiffrast():
     return importlib.import_module("nvdiffrast.torch")
 
 
+def load_nvdiffrast_plugin(dr) -> None:
+    """Build (first use: about half a minute) and load nvdiffrast's CUDA plugin.
+
+    nvdiffrast 0.3 compiles its plugin with ``torch.utils.cpp_extension.load`` and then imports it
+    by name, which needs the build folder on ``sys.path``; PyTorch 2 no longer puts it there, so the
+    import fails right after a successful build ("No module named 'nvdiffrast_plugin_...'"). The
+    folder is added here and the import retried. A failed build becomes `BackendUnavailableError`.
+    """
+    import torch.utils.cpp_extension  # here: on a machine without CUDA its import warns
+
+    get_plugin = dr.ops._get_plugin
+    try:
+        try:
+            get_plugin()
+        except ModuleNotFoundError as exc:
+            if not (exc.name or "").startswith("nvdiffrast_plugin"):
+                raise
+            folder = torch.utils.cpp_extension._get_build_directory(exc.name, False)
+            if folder not in sys.path:
+                sys.path.append(folder)
+            importlib.invalidate_caches()
+            get_plugin()
+    except (RuntimeError, OSError, ImportError) as exc:  # no nvcc, a compiler error, a broken build
+        raise BackendUnavailableError(f"nvdiffrast could not build or load its CUDA plugin ({exc}); "
+                                      "the 'torch' back end runs anywhere") from exc
+
+
 class NvdiffrastRasterizer(Rasterizer):
     """nvdiffrast's CUDA rasterizer (``dr.RasterizeCudaContext``), no OpenGL needed.
 
@@ -54,10 +82,18 @@ class NvdiffrastRasterizer(Rasterizer):
 
     def __init__(self):
         self._dr = import_nvdiffrast()
+        self._plugin_loaded = False
         self._contexts: dict[torch.device, object] = {}
+
+    def _plugin(self):
+        if not self._plugin_loaded:
+            load_nvdiffrast_plugin(self._dr)
+            self._plugin_loaded = True
+        return self._dr
 
     def _context(self, device: torch.device):
         if device not in self._contexts:
+            self._plugin()
             self._contexts[device] = self._dr.RasterizeCudaContext(device=device)
         return self._contexts[device]
 
@@ -97,7 +133,7 @@ class NvdiffrastRasterizer(Rasterizer):
         tex_hwc = tex.permute(0, 2, 3, 1).float().contiguous()  # a batch of 1 broadcasts
         # nvdiffrast's v runs down the texture's rows from its first row; the project's v runs up
         uv_dr = torch.stack([uv[..., 0], 1 - uv[..., 1]], dim=-1).float().contiguous()
-        out = self._dr.texture(tex_hwc, uv_dr, filter_mode="linear", boundary_mode="clamp")
+        out = self._plugin().texture(tex_hwc, uv_dr, filter_mode="linear", boundary_mode="clamp")
         return out.to(tex.dtype)
 
 

@@ -1,4 +1,5 @@
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from hrn_baseline.render import (
     torch_backend,
 )
 from hrn_baseline.render.base import sample_texture
+from hrn_baseline.render.nvdiffrast_backend import load_nvdiffrast_plugin
 from hrn_baseline.render.torch_backend import open3d_available
 
 HAS_NVDIFFRAST = "nvdiffrast" in available_backends()
@@ -381,6 +383,37 @@ def test_backend_selection_and_errors():
         assert get_rasterizer("auto").name == "torch"
         with pytest.raises(BackendUnavailableError, match="nvdiffrast"):
             get_rasterizer("nvdiffrast")
+
+
+class _FakeNvdiffrast:
+    """``nvdiffrast.torch`` as far as `load_nvdiffrast_plugin` sees it: ``ops._get_plugin`` runs
+    ``outcomes`` in turn (an exception is raised, anything else returned)."""
+
+    def __init__(self, *outcomes):
+        self.outcomes = list(outcomes)
+        self.ops = self
+
+    def _get_plugin(self):
+        outcome = self.outcomes.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+
+def test_nvdiffrast_plugin_import_after_its_build_finds_the_build_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    name = "nvdiffrast_plugin_0_3_3_torch2_11"
+    missing = ModuleNotFoundError(f"No module named '{name}'", name=name)
+    fake = _FakeNvdiffrast(missing, "plugin")
+    load_nvdiffrast_plugin(fake)  # built, then imported by name: the retry finds it
+    assert not fake.outcomes and str(tmp_path / name) in sys.path
+    with pytest.raises(BackendUnavailableError, match="numpy_x"):  # not the plugin: no retry
+        load_nvdiffrast_plugin(_FakeNvdiffrast(ModuleNotFoundError("no numpy_x", name="numpy_x")))
+    with pytest.raises(BackendUnavailableError, match="could not build.*nvcc not found.*'torch' back end"):
+        load_nvdiffrast_plugin(_FakeNvdiffrast(RuntimeError("nvcc not found")))
+    with pytest.raises(BackendUnavailableError, match="could not build"):
+        load_nvdiffrast_plugin(_FakeNvdiffrast(missing, ImportError("undefined symbol")))
 
 
 # ----------------------------------------------------------------------------------------------

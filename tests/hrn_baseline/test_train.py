@@ -27,7 +27,7 @@ from hrn_baseline.evaluate import METRICS, evaluate
 from hrn_baseline.losses import LossWeights
 from hrn_baseline.model import load_hrn_morphable
 from hrn_baseline.predict import load_model
-from hrn_baseline.train import BatchStream, Processes, Trainer, load_checkpoint, train
+from hrn_baseline.train import BatchStream, Processes, Trainer, load_checkpoint, resolve_device, train
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -302,3 +302,15 @@ def test_small_hrn_learns_on_synthetic_faces(tmp_path, record_property):
     assert after[1] <= POSED_FRACTION * before[1], f"held-out posed error {before[1]:.2f} -> {after[1]:.2f} mm"
     for k, what in ((2, "shape error"), (3, "similarity-aligned shape error")):
         assert after[k] <= SHAPE_GUARD * before[k], f"held-out {what} {before[k]:.3f} -> {after[k]:.3f} mm"
+
+
+def test_an_accelerator_named_without_an_index_gets_one_per_local_rank():
+    assert resolve_device("cpu", local_rank=1) == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    gpus = torch.cuda.device_count()
+    if gpus:
+        assert resolve_device("cuda") == torch.device("cuda", 0)  # torch.cuda.set_device needs the index
+        assert resolve_device("cuda", local_rank=3) == torch.device("cuda", 3 % gpus)
+        assert resolve_device("cuda:0", local_rank=3) == torch.device("cuda", 0)
+    with pytest.raises(InputError, match=f"'cuda:{gpus}' is not usable here: {gpus} cuda device"):
+        resolve_device(f"cuda:{gpus}")
