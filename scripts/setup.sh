@@ -3,7 +3,7 @@
 # and the package with its extras. Safe to run again; it only does what is missing.
 #
 #   bash scripts/setup.sh            # runtime + dev tools (pytest, ruff)
-#   FACEHD_EXTRAS=dev,gpu bash scripts/setup.sh   # also nvdiffrast (needs CUDA)
+#   FACEHD_EXTRAS=dev,gpu bash scripts/setup.sh   # also nvdiffrast (needs CUDA and nvcc)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -30,7 +30,6 @@ TINY_MODEL = dict(synth_resolution=24, image_size=64, mid_map_size=16, high_map_
                   mid_blocks=1, high_blocks=1, disc_ndf=4, disc_layers=2)
 WILD_IMAGES = 12
 WILD_SIZE = 96  # pixels of the generated images (the crops are 64)
-LAB_SUBJECTS = ("S001", "S002")
 
 
 def tiny_model_config(**overrides) -> ModelConfig:
@@ -50,16 +49,18 @@ def tiny_config(out: Path, wild: Path, lab: tuple[Path, Path] | None = None, val
                   optim=OptimConfig(lr_decay_steps=3), train=TrainConfig(**settings)).validate()
 
 
-def make_lab_set(base: Path, wild: Path) -> tuple[Path, Path]:
-    """(root, derived): a FaceHD-100-layout set of 2 subjects x 1 expression whose views are the wild
-    images (with their landmarks), and random smooth ground-truth maps for views 0 and 4."""
+def make_lab_set(base: Path, wild: Path, subjects: int = 2) -> tuple[Path, Path]:
+    """(root, derived): a FaceHD-100-layout set of ``subjects`` subjects (2: S001, S002) x 1 expression
+    whose views are the wild images (with their landmarks), and random smooth ground-truth maps for
+    views 0 and 4 (two samples per subject)."""
+    lab_subjects = [f"S{i + 1:03d}" for i in range(subjects)]
     root, derived = base / "facehd100", base / "derived"
-    rows = [dict(zip(SUBJECT_COLUMNS, (s, "female", 25, "asian"))) for s in LAB_SUBJECTS]
+    rows = [dict(zip(SUBJECT_COLUMNS, (s, "female", 25, "asian"))) for s in lab_subjects]
     write_subjects(root / "subjects.csv", rows)
     names = list_names(wild)
     rng = np.random.default_rng(0)
     k = 0
-    for subject in LAB_SUBJECTS:
+    for subject in lab_subjects:
         paths = capture_paths(root / subject / "neutral")
         camera = Camera(K=[[100, 0, 48], [0, 100, 48], [0, 0, 1]], R=np.eye(3), t=[0, 0, 600], width=WILD_SIZE,
                         height=WILD_SIZE)

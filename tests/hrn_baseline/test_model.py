@@ -17,13 +17,16 @@ from facehd.morphable import reconstruct, y_up_to_rows
 from hrn_baseline.config import ModelConfig
 from hrn_baseline.model import (
     HRN,
+    HRNOutput,
     fill_border,
     grid_vertex_normals,
     load_hrn_morphable,
     make_discriminators,
     sample_image,
 )
+from hrn_baseline.render import available_backends
 
+HAS_NVDIFFRAST = "nvdiffrast" in available_backends()
 # the smallest useful configuration keeps these tests to seconds on two cores
 TINY = dict(image_size=64, mid_map_size=16, high_map_size=32, mid_ngf=4, high_ngf=4, mid_blocks=1,
             high_blocks=1, synth_resolution=24, disc_ndf=4, disc_layers=2)
@@ -266,3 +269,57 @@ def test_morphable_model_needs_uvs(tmp_path, morphable):
     np.save(tmp_path / "bad.npy", uv[:10])
     with pytest.raises(FileFormatError, match="bad.npy"):
         load_hrn_morphable(dataclasses.replace(config, uv_file=str(tmp_path / "bad.npy")))
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU paths against the CPU one (run only where CUDA, and for the second test nvdiffrast, is there)
+
+
+def _forward_and_grads(model: HRN, images: torch.Tensor) -> tuple[HRNOutput, dict[str, torch.Tensor]]:
+    """Outputs, and the gradients of a photometric-style loss on R1 and R2, of the regressor's
+    pose, light and identity heads."""
+    model.zero_grad()
+    out = model(images)
+    loss = (out.render_high - 0.5).abs().mean() + (out.render_mid - 0.5).abs().mean()
+    loss.backward()
+    heads = {"identity": 0, "angles": 3, "light": 4, "xy": 5}
+    return out, {name: model.regressor.final_layers[i].weight.grad.flatten().cpu() for name, i in heads.items()}
+
+
+def _assert_same_model(a: tuple, b: tuple, *, render_atol: float, grad_cosine: float) -> None:
+    (out_a, grads_a), (out_b, grads_b) = a, b
+    assert_close(out_b.landmarks.cpu(), out_a.landmarks.cpu(), atol=1e-3, msg="landmarks")
+    assert_close(out_b.shape_mid.cpu(), out_a.shape_mid.cpu(), atol=1e-4, msg="M1")
+    for key in ("render_mid", "render_high"):
+        diff = (getattr(out_b, key).cpu() - getattr(out_a, key).cpu()).abs()
+        # a few silhouette and edge pixels may go to the neighbouring triangle; the rest agree
+        assert (diff > render_atol).float().mean() < 0.01, f"{key}: {(diff > render_atol).float().mean():.3%} differ"
+    for name in grads_a:
+        cosine = F.cosine_similarity(grads_a[name], grads_b[name], dim=0)
+        assert cosine > grad_cosine, f"{name} head gradients differ (cosine {cosine:.4f})"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_and_cpu_give_the_same_model(morphable):
+    torch.manual_seed(3)
+    config = ModelConfig.small(**TINY, rasterizer="torch")
+    cpu_model = HRN(morphable, config).eval()
+    _set_pose(cpu_model)
+    cuda_model = HRN(morphable, config).eval()
+    cuda_model.load_state_dict(cpu_model.state_dict())
+    images = _images(2, seed=11)
+    _assert_same_model(_forward_and_grads(cpu_model, images), _forward_and_grads(cuda_model.cuda(), images.cuda()),
+                       render_atol=1e-3, grad_cosine=0.99)
+
+
+@pytest.mark.skipif(not HAS_NVDIFFRAST, reason="needs nvdiffrast and a CUDA device")
+def test_nvdiffrast_and_torch_renderers_give_the_same_model(morphable):
+    torch.manual_seed(4)
+    models = {name: HRN(morphable, ModelConfig.small(**TINY, rasterizer=name)).eval().cuda()
+              for name in ("torch", "nvdiffrast")}
+    _set_pose(models["torch"])
+    models["nvdiffrast"].load_state_dict(models["torch"].state_dict())
+    assert models["nvdiffrast"].rasterizer_for(torch.device("cuda")).name == "nvdiffrast"
+    images = _images(2, seed=12).cuda()
+    _assert_same_model(*(_forward_and_grads(models[name], images) for name in ("torch", "nvdiffrast")),
+                       render_atol=2e-3, grad_cosine=0.98)
