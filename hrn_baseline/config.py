@@ -132,7 +132,7 @@ class TrainConfig:
     val_every: int | None = None  # evaluate data.val every N steps (None: at each checkpoint)
     seed: int = 0
     device: str = "auto"  # auto (the accelerator if any, else cpu) or a torch device string
-    deterministic: bool = False  # torch.use_deterministic_algorithms (bitwise resume on the CPU)
+    deterministic: bool = False  # torch.use_deterministic_algorithms: bitwise resume (CPU only)
     out: str | None = None  # output folder; `hrn train --out` overrides it
 
 

@@ -192,6 +192,7 @@ class HRN(nn.Module):
                  rasterizer: Rasterizer | None = None):
         super().__init__()
         config = config or ModelConfig()
+        morphable = morphable.to("cpu")  # built on the CPU like any module; .to(device) moves it
         if morphable.uv is None:
             raise InputError(f"{morphable.source or 'the morphable model'} has no per-vertex UVs (see model.uv_file)")
         self.config = config

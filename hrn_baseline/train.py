@@ -719,6 +719,10 @@ def train(config: Config, out: str | Path | None = None, *, resume: bool = False
         raise InputError("no output folder: pass --out or set train.out in the config")
     procs = _processes_from_env()
     device = resolve_device(config.train.device, procs.local_rank)
+    if config.train.deterministic and device.type == "cuda":
+        raise InputError("train.deterministic works on the CPU only: PyTorch has no deterministic CUDA kernel for "
+                         "some of HRN's operations (the backward of adaptive average pooling); set it to false "
+                         "to train on the GPU")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     checkpoint = out / CHECKPOINT_DIR / LAST_CHECKPOINT
@@ -741,7 +745,8 @@ def train(config: Config, out: str | Path | None = None, *, resume: bool = False
             _seed_everything(config.train.seed)
             trainer = Trainer(config, out, procs, progress, resume=resume)
             if resume:
-                state = torch.load(checkpoint, map_location=trainer.device, weights_only=True)
+                # on the CPU: the random states must stay there; load_state_dict moves the rest
+                state = torch.load(checkpoint, map_location="cpu", weights_only=True)
                 trainer.load_state_dict(state, checkpoint)
                 if trainer.metrics_log is not None:
                     trainer.metrics_log.truncate_after(trainer.step)

@@ -97,6 +97,16 @@ def test_initial_model_predicts_the_mean_face_without_touching_the_random_state(
     assert lines[1].startswith("initialisation") and lines[2].split()[1] == str(WILD_IMAGES)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_evaluation_on_cuda_matches_the_cpu(model, tiny_wild):
+    on_gpu = copy.deepcopy(model).cuda()
+    start = initial_model(on_gpu)  # built from the CUDA model's morphable model
+    assert next(start.parameters()).is_cuda
+    for a, b in ((on_gpu, model), (start, initial_model(model))):
+        gpu, cpu = evaluate(a, [tiny_wild]).means(), evaluate(b, [tiny_wild]).means()
+        assert gpu.keys() == cpu.keys() and [gpu[k] for k in gpu] == pytest.approx([cpu[k] for k in cpu], rel=1e-3)
+
+
 def test_preview_sheet_of_the_first_images(model, tiny_wild, tmp_path):
     result = evaluate(model, [tiny_wild], batch_size=2, preview=3)  # the preview spans batches
     assert [p.name for p in result.preview] == [r.name for r in result.rows[:3]]

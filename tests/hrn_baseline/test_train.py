@@ -151,6 +151,23 @@ def test_resume_is_exact(tmp_path, tiny_wild, tiny_lab):
     assert not torch.are_deterministic_algorithms_enabled()  # train() restores the global setting
 
 
+def test_deterministic_training_is_refused_on_cuda_before_it_starts(tmp_path, tiny_wild, monkeypatch):
+    # PyTorch's CUDA kernels for some of HRN's backward passes are not deterministic: say so up front
+    monkeypatch.setattr("hrn_baseline.train.resolve_device", lambda name, local_rank=0: torch.device("cuda", 0))
+    with pytest.raises(InputError, match="train.deterministic works on the CPU only"):
+        train(tiny_config(tmp_path / "det", tiny_wild, deterministic=True))
+    assert not (tmp_path / "det").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_cuda_run_resumes(tmp_path, tiny_wild, tiny_lab):
+    config = dict(val=tiny_wild, device="cuda", checkpoint_every=2)
+    train(tiny_config(tmp_path / "run", tiny_wild, tiny_lab, steps=2, **config))
+    resumed = train(tiny_config(tmp_path / "run", tiny_wild, tiny_lab, steps=3, **config), resume=True)
+    assert resumed.start_step == 2 and resumed.steps == 3
+    assert load_checkpoint(resumed.last_checkpoint)["step"] == 3
+
+
 def test_a_run_writes_logs_and_checkpoints_and_refuses_to_overwrite(tmp_path, tiny_wild):
     out = tmp_path / "run"
     result = train(tiny_config(out, tiny_wild, steps=3, log_every=2, checkpoint_every=2))
