@@ -6,6 +6,7 @@ paper-size configuration, at batch 1 on the CPU by default: `python -m benchmark
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import tempfile
@@ -33,7 +34,7 @@ def _trainer(model: ModelConfig, folder: Path, batch_size: int, device: str) -> 
     wild = folder / "wild"
     generate_wild(wild, max(WILD_IMAGES, batch_size), model=load_hrn_morphable(model), image_size=model.image_size,
                   seed=0)
-    lab_root, lab_derived = make_lab_set(folder / "lab", wild, subjects=max(2, -(-batch_size // 2)))
+    lab_root, lab_derived = make_lab_set(folder / "lab", wild, subjects=max(2, math.ceil(batch_size / 2)))
     config = Config(data=DataConfig(wild=[str(wild)], lab_root=str(lab_root), lab_derived=str(lab_derived),
                                     lab_split=None, lab_views=[0, 4]),
                     model=model, train=TrainConfig(steps=1000, batch_size=batch_size, device=device,

@@ -40,12 +40,13 @@ def import_nvdiffrast():
 
 
 def load_nvdiffrast_plugin(dr) -> None:
-    """Build (first use: about half a minute) and load nvdiffrast's CUDA plugin.
+    """Build (first use: about 20 s) and load nvdiffrast's CUDA plugin.
 
     nvdiffrast 0.3 compiles its plugin with ``torch.utils.cpp_extension.load`` and then imports it
-    by name, which needs the build folder on ``sys.path``; PyTorch 2 no longer puts it there, so the
-    import fails right after a successful build ("No module named 'nvdiffrast_plugin_...'"). The
-    folder is added here and the import retried. A failed build becomes `BackendUnavailableError`.
+    by name, which needs the build folder on ``sys.path``; PyTorch's loader (2.11 and 2.14 seen here)
+    imports the module from its file without putting the folder there, so the import fails right
+    after a successful build ("No module named 'nvdiffrast_plugin_...'"). The folder is added here
+    and the import retried. A failed build becomes `BackendUnavailableError`.
     """
     import torch.utils.cpp_extension  # here: on a machine without CUDA its import warns
 
