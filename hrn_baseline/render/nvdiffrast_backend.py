@@ -83,13 +83,10 @@ class NvdiffrastRasterizer(Rasterizer):
 
     def __init__(self):
         self._dr = import_nvdiffrast()
-        self._plugin_loaded = False
         self._contexts: dict[torch.device, object] = {}
 
     def _plugin(self):
-        if not self._plugin_loaded:
-            load_nvdiffrast_plugin(self._dr)
-            self._plugin_loaded = True
+        load_nvdiffrast_plugin(self._dr)  # a dictionary lookup once built: nvdiffrast caches the plugin
         return self._dr
 
     def _context(self, device: torch.device):
