@@ -13,12 +13,15 @@ import json
 import tempfile
 from pathlib import Path
 
+import pandas as pd
+
+from benchmarks.tables import format_table
 from facehd.clitools import progress
 from facehd.synth.wild import generate_wild
 from hrn_baseline.config import Config, LossConfig, ModelConfig
-from hrn_baseline.evaluate import METRICS
+from hrn_baseline.evaluate import METRICS, metric_heading
 from hrn_baseline.model import load_hrn_morphable
-from hrn_baseline.train import TrainResult, train
+from hrn_baseline.train import VAL_PREFIX, TrainResult, train
 
 # A small HRN on 64-pixel crops of SynthBFM-32 faces: about 0.3 s per step of 16 on two idle cores.
 MODEL = dict(synth_resolution=32, image_size=64, mid_map_size=16, high_map_size=32, mid_ngf=4, high_ngf=4,
@@ -64,19 +67,17 @@ def learning_config(train_folder: Path, held_out: Path, *, steps: int, batch_siz
 def validation_rows(run: Path) -> list[dict]:
     """The run's validations (step and the `METRICS` means), in step order."""
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [{"step": r["step"], **{k: r["val/" + k] for k in METRICS}} for r in rows if "val/" + METRICS[0] in r]
+    return [{"step": r["step"], **{k: r[VAL_PREFIX + k] for k in METRICS}} for r in rows
+            if VAL_PREFIX + METRICS[0] in r]
 
 
 def format_rows(rows: list[dict]) -> str:
-    """The validations as a text table, with a last line of end / start ratios."""
-    lines = [f"{'step':>7}  {'landmark px':>11}  {'posed mm':>9}  {'shape mm':>9}  {'aligned shape mm':>16}"]
-    for r in rows:
-        lines.append(f"{r['step']:>7}  {r['landmark_px']:>11.3f}  {r['posed_mm']:>9.3f}  {r['shape_mm']:>9.3f}  "
-                     f"{r['aligned_shape_mm']:>16.3f}")
-    first, last = rows[0], rows[-1]
-    ratios = [f"{last[k] / first[k]:.0%}" for k in METRICS]
-    lines.append(f"{'end/start':>7}  {ratios[0]:>11}  {ratios[1]:>9}  {ratios[2]:>9}  {ratios[3]:>16}")
-    return "\n".join(lines)
+    """The validations as a Markdown table, with a last row of end / start ratios."""
+    table = pd.DataFrame([[r[k] for k in METRICS] for r in rows], index=[r["step"] for r in rows],
+                         columns=[metric_heading(k) for k in METRICS], dtype=object)
+    table.loc["end/start"] = [f"{rows[-1][k] / rows[0][k]:.0%}" for k in METRICS]
+    table.index.name = "step"
+    return format_table(table)
 
 
 def run(out: Path, *, images: int, held_out: int, steps: int, batch_size: int, val_every: int, device: str,

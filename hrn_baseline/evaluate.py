@@ -255,6 +255,11 @@ def _label_and_unit(metric: str) -> tuple[str, str]:
     return label.replace("_", " "), unit
 
 
+def metric_heading(metric: str) -> str:
+    """A table heading: 'aligned_shape_mm' -> 'aligned shape (mm)'."""
+    return "{} ({})".format(*_label_and_unit(metric))
+
+
 def format_means(means: dict[str, float], count: int | None = None) -> str:
     """One line, e.g. 'landmark 6.86 px, posed 7.31 mm, shape 2.67 mm, aligned shape 2.40 mm'."""
     parts = []
@@ -280,7 +285,7 @@ def format_table(evaluations: dict[str, Evaluation]) -> str:
     """A text table: one row per evaluated model (its label), the image count and each metric's mean."""
     means = {label: e.means() for label, e in evaluations.items()}
     present = [k for k in METRICS if any(k in m for m in means.values())]
-    headers = ["model", "images", *("{} ({})".format(*_label_and_unit(k)) for k in present)]
+    headers = ["model", "images", *map(metric_heading, present)]
     body = [[label, str(len(e.rows)), *(f"{means[label][k]:.3f}" if k in means[label] else "-" for k in present)]
             for label, e in evaluations.items()]
     widths = [max(len(r[i]) for r in [headers, *body]) for i in range(len(headers))]
