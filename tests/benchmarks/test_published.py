@@ -50,9 +50,9 @@ def test_published_command(fmt):
     result = CliRunner().invoke(main, ["published", "all", "--format", fmt])
     assert result.exit_code == 0, result.output
     if fmt == "json":
-        assert set(json.loads(result.output)) == {"micc", "realy_frontal", "realy_side"}
+        assert set(json.loads(result.stdout)) == {"micc", "realy_frontal", "realy_side"}
     elif fmt == "csv":
-        table = pd.read_csv(io.StringIO(result.output))
+        table = pd.read_csv(io.StringIO(result.stdout))
         assert len(table) == 5 + 2 + 2 and table["table"].iloc[0] == "micc"
     else:
         assert "GANFit" in result.output and "Deep3D" in result.output
