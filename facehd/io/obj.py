@@ -55,13 +55,14 @@ def read_obj(path: str | Path, *, load_texture: bool = False) -> Mesh:
 
     Faces may use the forms ``i``, ``i/j``, ``i//k`` and ``i/j/k`` with positive or negative
     (relative) indices; polygons are fan triangulated as (0, 1, 2), (0, 2, 3), ... UVs and
-    normals are kept only when every face corner has one. OBJ stores UVs per face corner: when a
-    vertex is used with several UVs it is split into one vertex per UV and
-    ``mesh.source_vertex`` maps the vertices back to the file's ``v`` lines. Disagreeing corner
-    normals are averaged per vertex instead (they never split vertices). ``v x y z r g b`` lines
-    give vertex colours (taken as 0..255 when any exceeds 1). The texture is the ``map_Kd`` of
-    the first used material in the ``mtllib`` files; a missing MTL or image means no texture.
-    With ``load_texture`` the image is read into ``mesh.texture``.
+    normals are kept only when every face corner has one; normal indices in a file with no ``vn``
+    lines are ignored (an exporter's habit), any other index out of range is an error. OBJ
+    stores UVs per face corner: when a vertex is used with several UVs it is split into one
+    vertex per UV and ``mesh.source_vertex`` maps the vertices back to the file's ``v`` lines.
+    Disagreeing corner normals are averaged per vertex instead (they never split vertices).
+    ``v x y z r g b`` lines give vertex colours (taken as 0..255 when any exceeds 1). The texture
+    is the ``map_Kd`` of the first used material in the ``mtllib`` files; a missing MTL or image
+    means no texture. With ``load_texture`` the image is read into ``mesh.texture``.
     """
     path = Path(path)
     text = path.read_bytes().decode("utf-8", errors="replace")
@@ -348,6 +349,11 @@ def _resolve_indices(
         out = np.where(negative, corners + defined_at_corner, out)
     names = ("vertex", "texture coordinate", "normal")
     for col, (name, total) in enumerate(zip(names, totals, strict=True)):
+        if col == 2 and total == 0:
+            # Exporters (REALY's HIFI3D.obj among them) write `f v/vt/vn` with no `vn` lines: the
+            # normal indices point at nothing and nothing needs them, so they are not read.
+            out[:, 2] = -1
+            continue
         present = corners[:, col] != 0
         bad = present & ((out[:, col] < 0) | (out[:, col] >= total))
         if col == 0:

@@ -42,6 +42,7 @@ CASES = {
     "index_zero.obj": (TRIANGLE + "f 0 1 2\n", ["out of range"]),
     "negative_too_far.obj": (TRIANGLE + "f -1 -2 -4\n", ["out of range"]),
     "uv_index_high.obj": (TRIANGLE + "vt 0 0\nf 1/1 2/1 3/2\n", ["texture coordinate", "range"]),
+    "normal_index_high.obj": (TRIANGLE + "vn 0 0 1\nf 1//1 2//1 3//2\n", ["normal index out of range", "1 normals"]),
     "two_corner_face.obj": (TRIANGLE + "f 1 2\n", ["fewer than 3", "face 1"]),
     "text_in_face.obj": (TRIANGLE + "f 1 2 three\n", ["non-numeric", "three"]),
     "float_in_face.obj": (TRIANGLE + "f 1 2 3.0\n", ["malformed", "3.0"]),

@@ -119,6 +119,23 @@ class TestFaces:
         assert mesh.uvs is None
         assert mesh.normals.tolist() == [[0, 0, 1], [0, 0, 1], [0, 0, -1], [0, 0, -1]]
 
+    def test_normal_indices_without_normals_are_ignored(self, tmp_path):
+        # REALY's data/HIFI3D.obj: `mtllib`, quads `f v/vt/vn` whose normal indices run past the
+        # vertices, and not one `vn` line
+        text = (
+            "mtllib test.mtl\n" + SQUARE + "v 2 0 0\nv 2 1 0\nvt 0 0\nvt 1 0\nvt 1 1\nvt 0 1\n"
+            + "f 1/1/81541 2/2/81542 3/3/81543 4/4/81544\nf 2/2/81545 5/1/81546 6/4/81547 3/3/81548\n"
+        )  # fmt: skip
+        mesh = read_obj(write(tmp_path, text))
+        assert mesh.faces.tolist() == [[0, 1, 2], [0, 2, 3], [1, 4, 5], [1, 5, 2]]
+        assert mesh.normals is None
+        assert mesh.uvs.tolist()[:4] == [[0, 0], [1, 0], [1, 1], [0, 1]]
+
+    def test_normal_indices_are_read_when_the_normals_exist(self, tmp_path):
+        text = SQUARE + "vt 0 0\nvn 0 0 1\nvn 0 0 -1\nf 1/1/1 2/1/1 3/1/2\nf 1/1/1 3/1/2 4/1/2\n"
+        mesh = read_obj(write(tmp_path, text))
+        assert mesh.normals.tolist() == [[0, 0, 1], [0, 0, 1], [0, 0, -1], [0, 0, -1]]
+
     def test_disagreeing_corner_normals_are_averaged(self, tmp_path):
         text = SQUARE + "vn 1 0 0\nvn 0 1 0\nf 1//1 2//1 3//1\nf 1//2 3//2 4//2\n"
         mesh = read_obj(write(tmp_path, text))
