@@ -55,7 +55,9 @@ CHEEK_KEYPOINT_DIVISOR = 4  # the cheek's keypoint pairs are repeated a quarter 
 # trimesh's process=True (used by main.py on the GT region) merges vertices equal to 8 decimals.
 GT_MERGE_DECIMALS = 8
 DEGENERATE_AREA_RTOL = 1e-12  # as facehd.distance: doubled area below this x longest edge^2
-BARYCENTRIC_ATOL = 1e-6  # template weights may stray this far outside [0, 1] (rounding in files)
+# template weights may stray this far outside [0, 1]: they are float32 written as text, so 1 - w0 - w1
+# is off by up to ~1e-6 (REALY's own data/3DDFA_v2.txt has a row with 1 - w0 - w1 = -1.4e-6)
+BARYCENTRIC_ATOL = 1e-5
 RANK_RTOL = 1e-9  # keypoints spanning less than this fraction of their spread are coplanar
 
 # bICP: non-rigid ICP of utils/eval.py + utils/NICP.py (epsilon, gamma, alpha, alpha2, kp_w1 there)
@@ -354,6 +356,7 @@ def _parse_template_rows(path: Path, text: str) -> np.ndarray:
 def read_template_keypoints(path: str | Path, template_mesh: str | Path | None = None) -> TemplateKeypoints:
     """The template's 85 barycentric keypoints: REALY's JSON `[[face_idx, w0, w1], ...]` or 85 text
     rows `face_idx w0 w1` (spaces or commas); face_idx is 0-based into the template's faces.
+    Weights up to BARYCENTRIC_ATOL outside [0, 1] (float32 rounding) are clamped into the triangle.
 
     `template_mesh` is the template OBJ; by default `<same stem>.obj` beside the file when it exists
     (REALY keeps `data/<topology>.obj` beside `data/<topology>.txt`).
@@ -377,7 +380,11 @@ def read_template_keypoints(path: str | Path, template_mesh: str | Path | None =
     if bad.any():
         k = int(np.argmax(bad))
         raise FileFormatError(path, f"row {k + 1}: weights {weights[k].tolist()} are not barycentric "
-                                    "(w0, w1 and 1 - w0 - w1 must lie in [0, 1])")
+                                    f"(w0, w1 and 1 - w0 - w1 must lie in [0, 1], give or take {BARYCENTRIC_ATOL})")
+    strays = ((weights < 0) | (weights > 1)).any(axis=1)
+    if strays.any():  # clamp into the triangle; the other rows keep REALY's exact weights
+        clamped = np.clip(weights[strays], 0.0, 1.0)
+        weights[strays] = clamped / clamped.sum(axis=1, keepdims=True)
     faces, n_vertices = None, None
     mesh_path = Path(template_mesh) if template_mesh is not None else path.with_suffix(".obj")
     if template_mesh is not None or mesh_path.exists():

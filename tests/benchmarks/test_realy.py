@@ -329,6 +329,19 @@ def test_readers_accept_realy_formats_and_name_bad_files(tmp_path):
     with pytest.raises(FileFormatError, match="barycentric"):
         realy.read_template_keypoints(keypoints)
 
+    # REALY's data/3DDFA_v2.txt, row 15: float32 weights whose 1 - w0 - w1 is -1.4e-6
+    real_row = [57424, 0.0232222992926836, 0.9767791032791138]
+    keypoints.write_text(json.dumps(rows[:14] + [real_row] + rows[15:]))
+    weights = realy.read_template_keypoints(keypoints).weights
+    assert 1.0 - real_row[1] - real_row[2] < -1e-6
+    assert weights[14, 2] == 0.0 and (weights >= 0).all() and (weights <= 1).all()
+    assert_close(weights[14, :2], np.array(real_row[1:]) / sum(real_row[1:]))
+    assert_close(weights.sum(axis=1), np.ones(85))
+    assert weights[0].tolist() == [0.2, 0.3, 1.0 - 0.2 - 0.3]  # rows inside the triangle are kept as REALY's
+    keypoints.write_text(json.dumps(rows[:14] + [[57424, 0.5, 0.5001]] + rows[15:]))
+    with pytest.raises(FileFormatError, match="row 15"):
+        realy.read_template_keypoints(keypoints)
+
     gt = tmp_path / "1.obj"
     save_mesh(gt, Mesh(np.zeros((84, 3)), np.zeros((0, 3), dtype=np.int64)))
     with pytest.raises(FileFormatError, match="85"):
