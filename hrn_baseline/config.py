@@ -61,6 +61,7 @@ class ModelConfig:
     backbone: str = "resnet50"
     backbone_weights: str | None = None  # torchvision backbone state dict (e.g. ImageNet ResNet-50)
     regressor_weights: str | None = None  # a Deep3DFaceRecon `net_recon` state dict
+    init_from: str | None = None  # weights to start from: a checkpoint, epoch_20.pth or epoch_10.pth
     freeze_regressor: bool = False  # HRN trains its detail nets on a pretrained, frozen base model
     mid_map_size: int = cv.DEFORMATION_MAP_SIZE  # deformation map side, texels
     high_map_size: int = cv.DISPLACEMENT_MAP_SIZE  # displacement map side, texels
@@ -272,7 +273,7 @@ def _coerce(value, hint, name: str, where):
 
 PATH_FIELDS = {
     "data": ("wild", "lab_root", "lab_derived", "val"),
-    "model": ("morphable_model", "uv_file", "backbone_weights", "regressor_weights"),
+    "model": ("morphable_model", "uv_file", "backbone_weights", "regressor_weights", "init_from"),
     "loss": ("recognizer_weights",),
     "train": ("out",),
 }

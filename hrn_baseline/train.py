@@ -48,6 +48,7 @@ from hrn_baseline.losses import (
     total_super_loss,
     tv_loss,
 )
+from hrn_baseline.checkpoints import load_weights_into
 from hrn_baseline.model import HRN, HRNOutput, load_hrn_morphable, make_discriminators, project_rows
 
 LOGGER = logging.getLogger("hrn_baseline.train")
@@ -272,6 +273,8 @@ class Trainer:
         self.weights: LossWeights = config.loss.loss_weights()
         morphable = load_hrn_morphable(config.model)
         self.hrn = HRN(morphable, config.model).to(self.device)
+        if config.model.init_from is not None and not resume:  # a resumed run has its own weights
+            load_weights_into(self.hrn, config.model.init_from)
         self.train_regressor = not config.model.freeze_regressor
         self.hrn.regressor.requires_grad_(self.train_regressor)
         self.recognizer = self._recognizer().to(self.device)
