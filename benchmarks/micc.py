@@ -934,6 +934,20 @@ def _evaluate_all(jobs: list[_SubjectJob], workers: int, progress) -> list[_Subj
     return outcomes
 
 
+def _check_units_early(paths: Iterable[Path], template: Template, units: str) -> None:
+    """Read a method's files in order until one loads, and raise PredictionUnitsError if that one
+    betrays other units. Any other fault of a file is left to its own cell, where the per-file
+    evaluation reports it."""
+    for path in paths:
+        try:
+            load_prediction(path, template, units=units)
+        except PredictionUnitsError:
+            raise
+        except FaceHDError:
+            continue
+        return
+
+
 def evaluate_micc(gt_dir: str | Path, predictions: Mapping[str, str | Path], template: Template, *,
                   options: MiccOptions | None = None, cache_dir: str | Path | None = None, workers: int = 1,
                   progress: Callable[[str, int, int], None] | None = None, subjects: Iterable[str] | None = None,
@@ -953,10 +967,9 @@ def evaluate_micc(gt_dir: str | Path, predictions: Mapping[str, str | Path], tem
     names = [s for s in gt.scans if wanted is None or s in wanted]
     found = {method: find_predictions(path) for method, path in predictions.items()}
     extra = {m: sorted(set(f) - set(gt.scans)) for m, f in found.items()}
-    for files in found.values():
-        first = next((p for subject in names for p in files.get(subject, {}).values()), None)
-        if first is not None:  # refuse a unit mistake before any registration work
-            load_prediction(first, template, units=options.units)
+    for files in found.values():  # refuse a unit mistake before any registration work
+        _check_units_early((p for subject in names for p in files.get(subject, {}).values()), template,
+                           options.units)
     scans = [scan for name in names for scan in gt.scans[name]]
     registered = register_scans(scans, template, cache_dir=cache_dir, workers=workers, progress=progress)
     problems = list(gt.problems) + [r for r in registered if isinstance(r, str)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 
 import numpy as np
@@ -300,6 +301,29 @@ def test_missing_predictions_are_reported_not_averaged(synthetic_run, tmp_path):
     assert "subject_02 Cooperative: missing" in lines and "subject_01 Outdoor: missing" in lines
     assert out.extra_predictions == {"mine": ["subject_99"]} and "subject_99" in lines
     assert "Not evaluated" in out.note()
+
+
+@pytest.mark.parametrize("fault", ["truncated", "nan", "face_index"])
+def test_a_bad_first_prediction_is_reported_in_its_cell(synthetic_run, tmp_path, fault):
+    root, result = synthetic_run
+    layout = _layout(root)
+    pred = tmp_path / "pred"
+    shutil.copytree(layout.predictions("truth-noise"), pred)
+    first = pred / "subject_01" / "Indoor-Cooperative.obj"  # the first file the evaluation reads
+    text = first.read_text()
+    if fault == "truncated":
+        first.write_text(text[: len(text) // 3].rsplit("\n", 1)[0] + "\nv 1.0 2.0\n")
+    elif fault == "nan":
+        first.write_text(re.sub(r"^v \S+", "v nan", text, count=1, flags=re.MULTILINE))
+    else:
+        first.write_text(text + f"f 1 2 {len(result.template.vertices) + 5}\n")
+    out = micc.evaluate_micc(layout.gt_dir, {"mine": pred}, result.template, cache_dir=root / "micc-registration")
+    cells = {(s.subject, s.setting): s for s in out.scores}
+    bad = cells["subject_01", "Cooperative"]
+    assert bad.status == "error" and str(first) in bad.message
+    assert all(s.status == "ok" for k, s in cells.items() if k != ("subject_01", "Cooperative"))
+    assert "subject_01 Cooperative: error" in "\n".join(out.not_evaluated())
+    assert out.table(published=False).loc["mine", ("Cooperative", "n")] == SET_SUBJECTS - 1
 
 
 def test_cli_prints_published_and_evaluated_rows_in_every_format(synthetic_run, tmp_path):
