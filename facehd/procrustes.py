@@ -155,6 +155,33 @@ def fit_similarity(src, dst, weights=None, *, scale: bool = True, allow_reflecti
     return Similarity(s, rotation, mu_dst - s * rotation @ mu_src)
 
 
+def fit_similarity_norm_ratio(src, dst) -> Similarity:
+    """The similarity of menpo's `AlignmentSimilarity` mapping src (N, 3) onto dst (N, 3).
+
+    Not Umeyama's least-squares scale: s = |dst - mean(dst)|_F / |src - mean(src)|_F (the ratio of
+    the Frobenius norms of the centred sets), then the best proper rotation of the centred sets
+    (Kabsch: R = U V^T from the SVD of the cross-covariance, the last singular direction flipped
+    when det < 0), then t = mean(dst) - s R mean(src). GANFit's released MICC evaluation uses it.
+    Raises InputError when src is exactly degenerate (coincident or collinear points).
+    """
+    src = _as_points(src, "src")
+    dst = _as_points(dst, "dst")
+    if src.shape != dst.shape:
+        raise InputError(f"src and dst must correspond one to one, got {src.shape} and {dst.shape}")
+    mu_src, mu_dst = src.mean(axis=0), dst.mean(axis=0)
+    x, y = src - mu_src, dst - mu_dst
+    sv = np.linalg.svd(x, compute_uv=False)
+    if len(src) < 3 or not sv[0] > 0 or sv[1] <= EXACT_DEGENERACY_RTOL * sv[0]:
+        raise InputError(f"src points are coincident or collinear ({len(src)} points, singular values "
+                         f"{np.round(sv, 12).tolist()}): no rotation is determined")
+    s = float(np.linalg.norm(y) / np.linalg.norm(x))
+    u, _, vt = np.linalg.svd(y.T @ x)
+    rotation = u @ vt
+    if np.linalg.det(rotation) < 0:
+        rotation = (u * [1.0, 1.0, -1.0]) @ vt
+    return Similarity(s, rotation, mu_dst - s * rotation @ mu_src)
+
+
 def fit_rigid(src, dst, weights=None, *, allow_reflection: bool = False) -> Similarity:
     """Least-squares rotation + translation (scale 1) mapping src (N, 3) onto dst (N, 3)."""
     return fit_similarity(src, dst, weights, scale=False, allow_reflection=allow_reflection)
@@ -177,15 +204,22 @@ class LandmarkFit:
 
 def check_landmark_fit(src, dst, *, scale: bool = True, max_rms: float | None = None,
                        min_spread_ratio: float = MIN_LANDMARK_SPREAD_RATIO,
-                       source: str | None = None) -> LandmarkFit:
+                       source: str | None = None, unit: tuple[float, str] | None = None) -> LandmarkFit:
     """Fit landmarks src (N, 3) onto dst (N, 3) and raise InputError when the fit cannot be trusted.
 
     Checks, in order: either set is degenerate (coincident, or collinear: second singular value of
     the centred points below `min_spread_ratio` of the first); the sets are mirror images (the
     best proper rotation is much worse than a reflection, e.g. left/right landmarks swapped); the
-    RMS residual exceeds `max_rms` (dst units). `source` (a file name) prefixes every message.
+    RMS residual exceeds `max_rms` (dst units). `source` (a file name) prefixes every message;
+    `unit` (factor, name), e.g. (100.0, "mm") for dst in model units, is how messages state
+    residuals.
     """
     where = f"{source}: " if source else ""
+    factor, unit_name = unit if unit is not None else (1.0, "")
+
+    def length(value: float) -> str:
+        return f"{value * factor:.4g}{' ' + unit_name if unit_name else ''}"
+
     src = _as_points(src, f"{where}source landmarks")
     dst = _as_points(dst, f"{where}target landmarks")
     if src.shape != dst.shape:
@@ -207,8 +241,8 @@ def check_landmark_fit(src, dst, *, scale: bool = True, max_rms: float | None = 
     spread = float(np.sqrt(np.mean(np.sum((dst - dst.mean(axis=0)) ** 2, axis=1))))
     if rms > MIRROR_RMS_FACTOR * mirrored_rms and rms - mirrored_rms > MIRROR_MIN_GAP * spread:
         raise InputError(f"{where}landmarks look mirrored (left/right swapped?): the best rotation leaves "
-                         f"RMS {rms:.4g}, a mirror image would fit with RMS {mirrored_rms:.4g}")
+                         f"RMS {length(rms)}, a mirror image would fit with RMS {length(mirrored_rms)}")
     if max_rms is not None and rms > max_rms:
-        raise InputError(f"{where}landmark fit RMS residual {rms:.4g} exceeds the limit {max_rms:.4g}")
+        raise InputError(f"{where}landmark fit RMS residual {length(rms)} exceeds the limit {length(max_rms)}")
     residuals = np.linalg.norm(proper.apply(src) - dst, axis=1)
     return LandmarkFit(proper, rms, residuals)

@@ -6,7 +6,14 @@ from helpers import assert_close
 from scipy.spatial.transform import Rotation
 
 from facehd.errors import InputError
-from facehd.procrustes import Similarity, check_landmark_fit, fit_rigid, fit_similarity, rms_residual
+from facehd.procrustes import (
+    Similarity,
+    check_landmark_fit,
+    fit_rigid,
+    fit_similarity,
+    fit_similarity_norm_ratio,
+    rms_residual,
+)
 
 # Seven face landmarks in mm (outer/inner eye corners, subnasale, mouth corners; DESIGN section 3
 # order), roughly a real face: wide, tall, and shallow in depth.
@@ -185,3 +192,45 @@ def test_large_residual_raises():
         check_landmark_fit(FACE7_MM, dst, max_rms=1.0)
     with pytest.raises(InputError, match="differ in size"):
         check_landmark_fit(FACE7_MM, dst[:5])
+
+
+# --- menpo's AlignmentSimilarity (scale = ratio of the centred sets' Frobenius norms) --------------
+
+def naive_norm_ratio_similarity(src, dst):
+    """Step by step as menpo composes it: centre, scale to the target's norm, Kabsch, translate."""
+    c_src = sum(src) / len(src)
+    c_dst = sum(dst) / len(dst)
+    x = [p - c_src for p in src]
+    y = [q - c_dst for q in dst]
+    scale = np.sqrt(sum(float(q @ q) for q in y)) / np.sqrt(sum(float(p @ p) for p in x))
+    correlation = sum(np.outer(q, scale * p) for p, q in zip(x, y))
+    u, _, vt = np.linalg.svd(correlation)
+    rotation = u @ vt
+    if np.linalg.det(rotation) < 0:
+        rotation = u @ np.diag([1.0, 1.0, -1.0]) @ vt
+    return scale, rotation, c_dst - scale * rotation @ c_src
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_norm_ratio_similarity_matches_a_naive_version(seed):
+    rng = np.random.default_rng(seed)
+    src = rng.normal(size=(40, 3)) * [3.0, 2.0, 0.5]
+    dst = random_similarity(seed + 10, 1.3).apply(src) + rng.normal(0.0, 0.4, src.shape)
+    fit = fit_similarity_norm_ratio(src, dst)
+    scale, rotation, translation = naive_norm_ratio_similarity(list(src), list(dst))
+    assert fit.scale == pytest.approx(scale, rel=1e-12)
+    assert_close(fit.rotation, rotation, atol=1e-12)
+    assert_close(fit.translation, translation, atol=1e-10)
+    # not Umeyama's: with noise the norm ratio is larger than the least-squares scale (Cauchy-Schwarz)
+    assert fit.scale > fit_similarity(src, dst).scale * (1 + 1e-3)
+
+
+def test_norm_ratio_similarity_recovers_an_exact_similarity_without_reflection():
+    truth = random_similarity(3, 0.01)
+    fit = fit_similarity_norm_ratio(FACE7_MM, truth.apply(FACE7_MM))
+    assert fit.scale == pytest.approx(0.01, rel=1e-12)
+    assert_close(fit.rotation, truth.rotation, atol=1e-10)
+    mirrored = fit_similarity_norm_ratio(FACE7_MM, FACE7_MM * [-1.0, 1.0, 1.0])
+    assert np.linalg.det(mirrored.rotation) == pytest.approx(1.0)
+    with pytest.raises(InputError, match="collinear"):
+        fit_similarity_norm_ratio(np.outer(np.arange(5.0), [1.0, 2.0, 3.0]), FACE7_MM[:5])
