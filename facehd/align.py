@@ -247,17 +247,28 @@ def landmark_similarity(landmarks_mm, model_landmarks, options: AlignOptions = A
     its scale says the scan is not in millimetres; with `options.scale` "metric" the result is the
     best rotation and translation at exactly 1/100 model units per mm."""
     fit = check_landmark_fit(landmarks_mm, model_landmarks, max_rms=options.max_landmark_rms_mm * MM,
-                             source=str(source) if source else None)
+                             source=str(source) if source else None, unit=(cv.MM_PER_MODEL_UNIT, "mm"))
     ratio = fit.transform.scale / MM
     if not 1.0 / SCALE_TOLERANCE <= ratio <= SCALE_TOLERANCE:
         raise InputError(f"{_prefix(source)}the landmarks give {1.0 / fit.transform.scale:.4g} scan units per "
                          f"model unit, expected about {cv.MM_PER_MODEL_UNIT:g} (scan in millimetres); is the scan in "
-                         f"{'metres or centimetres' if ratio > 1 else 'another unit'}?")
+                         f"{_scan_unit_guess(ratio)}?")
     if options.scale == "landmarks":
         return fit.transform
     # metric: the best rotation and translation at the known scale
     rigid = fit_similarity(landmarks_mm * MM, model_landmarks, scale=False)
     return rigid.compose(Similarity(MM, np.eye(3), np.zeros(3)))
+
+
+# Units a scan said to be in millimetres may really be in: name, millimetres per unit.
+SCAN_UNIT_GUESSES = (("micrometres", 1e-3), ("centimetres", 10.0),
+                     ("model units (decimetres: 1 unit = 100 mm)", cv.MM_PER_MODEL_UNIT), ("metres", 1000.0))
+
+
+def _scan_unit_guess(mm_per_unit: float) -> str:
+    """The unit of `SCAN_UNIT_GUESSES` nearest ``mm_per_unit`` (within sqrt(10)x), else 'another unit'."""
+    name, size = min(SCAN_UNIT_GUESSES, key=lambda guess: abs(np.log10(mm_per_unit / guess[1])))
+    return name if abs(np.log10(mm_per_unit / size)) <= 0.5 else "another unit"
 
 
 def _face_region(points_mm: np.ndarray, transform: Similarity, shape: np.ndarray, faces: np.ndarray,

@@ -105,7 +105,7 @@ def test_reflection_trap_mirrored_landmarks_are_refused(model):
     assert np.linalg.det(reflection.rotation) < 0  # the trap: a reflection would fit exactly
     assert np.abs(reflection.apply(mirrored) - target).max() < 1e-9
     for bad in (mirrored, scan_landmarks[LEFT_RIGHT_SWAP]):
-        with pytest.raises(InputError, match=r"landmarks7\.txt: .*mirrored"):
+        with pytest.raises(InputError, match=r"landmarks7\.txt: .*mirrored.*RMS [\d.]+ mm, .* RMS [\d.e-]+ mm$"):
             landmark_similarity(bad, target, source="S001/neutral/landmarks7.txt")
 
 
@@ -115,10 +115,11 @@ def test_degenerate_wrong_units_and_bad_landmarks_are_refused(model):
     collinear = np.outer(np.linspace(0, 60, 7), [1.0, 0.5, 0.2])
     with pytest.raises(InputError, match="degenerate source landmarks"):
         landmark_similarity(collinear, target, source="lm.txt")
-    with pytest.raises(InputError, match="lm.txt: .*metres"):
-        landmark_similarity(scan_landmarks / 1000.0, target, source="lm.txt")
+    for mm_per_unit, unit in ((1000.0, "metres"), (100.0, "model units"), (10.0, "centimetres")):
+        with pytest.raises(InputError, match=rf"lm.txt: .*is the scan in {unit}\b"):
+            landmark_similarity(scan_landmarks / mm_per_unit, target, source="lm.txt")
     scrambled = scan_landmarks + np.random.default_rng(0).normal(0, 25.0, (7, 3))
-    with pytest.raises(InputError, match="exceeds the limit"):
+    with pytest.raises(InputError, match=r"RMS residual [\d.]+ mm exceeds the limit 12 mm"):
         landmark_similarity(scrambled, target, source="lm.txt")
 
 
