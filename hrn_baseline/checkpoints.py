@@ -17,9 +17,11 @@ import re
 from pathlib import Path
 
 import torch
+import yaml
 
 from facehd.errors import FileFormatError, InputError
 from facehd.fsutil import atomic_path
+from hrn_baseline import config as config_module
 from hrn_baseline.config import ModelConfig
 
 FACEHD = "facehd"  # written by `hrn train`
@@ -160,6 +162,27 @@ def state_to_public(model_state: dict[str, torch.Tensor], kind: str = HRN_PUBLIC
 def is_public_architecture(config: ModelConfig) -> bool:
     """Whether ``config``'s networks have the public checkpoints' sizes."""
     return all(getattr(config, k) == v for k, v in PUBLIC_ARCHITECTURE.items())
+
+
+def read_model_config(path: str | Path) -> ModelConfig:
+    """The ``model`` section of a YAML config (an `hrn train` config or a file with that section
+    only; the other sections are ignored). Relative paths are relative to the file's folder."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise FileFormatError(path, "no such config file") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise FileFormatError(path, f"not a readable YAML file: {' '.join(str(exc).split())}") from None
+    if data is not None and not isinstance(data, dict):
+        raise FileFormatError(path, "a config must be a mapping with a model section")
+    config = config_module._build(ModelConfig, (data or {}).get("model") or {}, "model.", path)
+    base = path.parent
+    for name in config_module.PATH_FIELDS["model"]:
+        value = getattr(config, name)
+        if value is not None and not Path(value).expanduser().is_absolute():
+            setattr(config, name, str((base / Path(value).expanduser()).resolve()))
+    return config
 
 
 def load_weights_into(model, path: str | Path) -> str:

@@ -66,9 +66,19 @@ def train(config_path: Path, out: Path | None, resume: bool):
                    f"last checkpoint {result.last_checkpoint}; logs in {result.out}")
 
 
+MODEL_CONFIG_HELP = ("For a public checkpoint: a YAML config whose model section names the morphable model "
+                     "(BFM_model_front.mat) and UV file (default: the paper's sizes on SynthBFM).")
+
+
 @main.command()
 @click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="A checkpoint written by `hrn train` (OUT/checkpoints/last.pt).")
+              help="A checkpoint written by `hrn train` (OUT/checkpoints/last.pt), or the public weights "
+                   "(Deep3DFaceRecon's epoch_20.pth, HRN's epoch_10.pth).")
+@click.option("--config", "model_config", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help=MODEL_CONFIG_HELP)
+@click.option("--standard-landmarks", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Deep3DFaceRecon's similarity_Lm3D_all.mat for the crop (default: the one beside the morphable "
+                   "model file, else a stand-in from the model's landmarks).")
 @click.option("--images", "images", multiple=True, required=True, type=click.Path(path_type=Path),
               help="An image file or a folder of images; repeat the option for more.")
 @click.option("--landmarks", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -80,22 +90,45 @@ def train(config_path: Path, out: Path | None, resume: bool):
               help="Units of the meshes, maps and translation (1 model unit = 100 mm).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, or a torch device string.")
 @reports_errors
-def predict(checkpoint: Path | None, images: tuple[Path, ...], landmarks: Path | None, out: Path, units: str,
-            device: str):
+def predict(checkpoint: Path | None, model_config: Path | None, standard_landmarks: Path | None,
+            images: tuple[Path, ...], landmarks: Path | None, out: Path, units: str, device: str):
     """Reconstruct faces: per image the coarse, mid and high meshes (OBJ with UVs and texture), the
-    deformation and displacement maps (.npy and 16-bit PNG, scaling in maps.json) and the
-    coefficients (.npz). Bad images are reported and skipped."""
+    deformation and displacement maps (.npy and 16-bit PNG, scaling in maps.json), the
+    coefficients (.npz) and overlay.png (the render on the photo). Bad images are reported and
+    skipped."""
     from facehd.clitools import progress
+    from hrn_baseline.checkpoints import read_model_config
     from hrn_baseline.predict import predict as run_prediction
 
+    config = None if model_config is None else read_model_config(model_config)
     results = run_prediction(checkpoint, images, out, landmarks=landmarks, units=units, device=device,
-                             progress=progress)
+                             progress=progress, model_config=config, standard_landmarks=standard_landmarks)
     failed = [r for r in results if r.error]
     for r in results:
         click.echo(f"{r.name}: {'FAILED ' + r.error if r.error else f'{len(r.files)} files in {out / r.name}'}")
     click.echo(f"{len(results) - len(failed)} of {len(results)} images reconstructed ({units} units)")
     if failed:
         sys.exit(1)
+
+
+@main.command("export-checkpoint")
+@click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="A checkpoint written by `hrn train`, or a public one.")
+@click.option("--config", "model_config", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help=MODEL_CONFIG_HELP)
+@click.option("--layout", type=click.Choice(["hrn", "deep3dfacerecon"]), default="hrn", show_default=True,
+              help="hrn: net_recon, mid_net, high_net, alpha, beta (HRN's epoch_10.pth); deep3dfacerecon: "
+                   "net_recon only (epoch_20.pth).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="The .pth to write.")
+@reports_errors
+def export_checkpoint(checkpoint: Path, model_config: Path | None, layout: str, out: Path):
+    """Write a checkpoint's networks in the public layout that Deep3DFaceRecon's and HRN's code
+    load (the networks must have the paper's sizes)."""
+    from hrn_baseline.checkpoints import export_public, model_from_checkpoint, read_model_config
+
+    config = None if model_config is None else read_model_config(model_config)
+    path = export_public(model_from_checkpoint(checkpoint, config), out, kind=layout)
+    click.echo(f"wrote {path} ({layout} layout)")
 
 
 @main.command()

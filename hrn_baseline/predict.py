@@ -1,5 +1,7 @@
 """`hrn predict`: images (+ 68 landmarks) -> coarse, mid and high meshes (OBJ with UVs and texture),
-deformation and displacement maps (.npy and 16-bit PNG) and coefficients (.npz), in model units or mm."""
+deformation and displacement maps (.npy and 16-bit PNG), coefficients (.npz) and an overlay of the
+render on the photo, in model units or mm. Photos are cropped by the public preprocessing
+(`hrn_baseline.preprocess`)."""
 
 from __future__ import annotations
 
@@ -18,10 +20,13 @@ from facehd.errors import FaceHDError, FileFormatError, InputError
 from facehd.fsutil import atomic_open, atomic_path
 from facehd.io import Mesh, save_mesh
 from facehd.morphable import split_coeffs
-from facehd.wild import IMAGE_SUFFIXES, align_to_crop, read_image, read_landmarks, template5_from_model
+from facehd.wild import IMAGE_SUFFIXES, read_image, read_landmarks
+from hrn_baseline.checkpoints import model_from_checkpoint
 from hrn_baseline.config import ModelConfig
-from hrn_baseline.model import HRN, HRNOutput, load_hrn_morphable
-from hrn_baseline.train import load_checkpoint, resolve_device
+from hrn_baseline.model import HRN, HRNOutput
+from hrn_baseline.preprocess import CROP_SIZE, RESCALE_FACTOR, PublicCrop, align_image, identity_crop, paste_back
+from hrn_baseline.preprocess import standard_landmarks as find_standard_landmarks
+from hrn_baseline.train import resolve_device
 
 UNITS = ("model", "mm")
 PNG16_MAX = 65535
@@ -50,31 +55,23 @@ class _Input:
     source: Path
     image: torch.Tensor  # (3, S, S) in [0, 1]
     landmarks: np.ndarray | None  # (68, 2) crop pixels (x, row), when given
-    transform: np.ndarray  # (3,) image -> crop [scale, tx, ty]
+    crop: PublicCrop  # the photo -> crop geometry
+    photo: np.ndarray  # (H, W, 3) uint8, the image as read
 
 
 # ----------------------------------------------------------------------------------------------
 # model
 
 
-def load_model(checkpoint: str | Path | None, device: str = "auto") -> HRN:
-    """The HRN of a `hrn train` checkpoint, in eval mode on ``device``. The checkpoint names its
-    morphable model (file or SynthBFM parameters), which is loaded from there."""
+def load_model(checkpoint: str | Path | None, device: str = "auto", model_config: ModelConfig | None = None) -> HRN:
+    """The HRN of a checkpoint, in eval mode on ``device``: a `hrn train` checkpoint (which names its
+    morphable model), or Deep3DFaceRecon's / HRN's public weights loaded into ``model_config``
+    (`hrn_baseline.checkpoints.model_from_checkpoint`)."""
     if checkpoint is None:
         raise InputError("no checkpoint given: train one first, e.g. `hrn train --config configs/hrn_tiny_cpu.yaml "
-                         "--out runs/tiny`, then pass --checkpoint runs/tiny/checkpoints/last.pt")
-    state = load_checkpoint(checkpoint)
-    try:
-        config = ModelConfig(**state["config"]["model"])
-    except TypeError as exc:
-        raise FileFormatError(checkpoint, f"its model config does not match this version of hrn_baseline ({exc})") \
-            from None
-    model = HRN(load_hrn_morphable(config), config)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as exc:
-        raise FileFormatError(checkpoint, f"weights do not fit the model its config describes ({exc})") from None
-    return model.to(resolve_device(device)).eval()
+                         "--out runs/tiny`, then pass --checkpoint runs/tiny/checkpoints/last.pt (or HRN's "
+                         "epoch_10.pth)")
+    return model_from_checkpoint(checkpoint, model_config).to(resolve_device(device)).eval()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -96,19 +93,22 @@ def list_images(paths: Sequence[str | Path]) -> list[Path]:
     return found
 
 
-def prepare_input(path: Path, landmarks_dir: Path | None, template5: np.ndarray, size: int) -> _Input:
-    """Read one image; with landmarks, align it to the S x S crop (facehd.wild's 5-point alignment),
-    else it must already be an S x S crop."""
+def prepare_input(path: Path, landmarks_dir: Path | None, standard68: np.ndarray, size: int) -> _Input:
+    """Read one image; with landmarks, crop it by the public preprocessing (`standard68`: the
+    (68, 3) standard landmarks, rescale 102 at 224), else it must already be an S x S crop."""
     image = read_image(path)
     if landmarks_dir is None:
         if image.shape[:2] != (size, size):
             raise FileFormatError(path, f"image is {image.shape[1]} x {image.shape[0]} pixels: give --landmarks to "
                                         f"align it, or a pre-cropped {size} x {size} image")
         tensor = torch.from_numpy(image.astype(np.float32) / 255.0).permute(2, 0, 1).contiguous()
-        return _Input(path.stem, path, tensor, None, np.array([1.0, 0.0, 0.0]))
+        return _Input(path.stem, path, tensor, None, identity_crop(tensor), image)
     landmarks = read_landmarks(landmarks_dir / f"{path.stem}{LANDMARK_SUFFIX}")
-    crop = align_to_crop(image, landmarks, None, template5, size)
-    return _Input(path.stem, path, crop.image, crop.landmarks.double().numpy(), crop.transform.as_array())
+    try:
+        crop = align_image(image, landmarks, standard68, size, RESCALE_FACTOR * size / CROP_SIZE)
+    except InputError as exc:
+        raise FileFormatError(path, str(exc)) from None
+    return _Input(path.stem, path, crop.image, crop.landmarks.double().numpy(), crop, image)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -228,7 +228,24 @@ def export_one(folder: Path, model: HRN, out: HRNOutput, b: int, item: _Input, u
         json.dump(sidecar, fh, indent=2)
     files.append(folder / "maps.json")
     files.append(_write_coeffs(folder / "coeffs.npz", out, b, item, units, factor))
+    files.append(write_overlay(folder / "overlay.png", out, b, item))
     return files
+
+
+def write_overlay(path: Path, out: HRNOutput, b: int, item: _Input) -> Path:
+    """The render R1 blended into the original photo (`preprocess.paste_back`), with the predicted
+    landmarks mapped back as dots."""
+    from PIL import Image, ImageDraw
+
+    pixels = paste_back(item.photo, item.crop, out.render_mid[b], out.render_mask[b])
+    image = Image.fromarray(pixels)
+    draw = ImageDraw.Draw(image)
+    radius = max(1.0, max(image.size) / 300)
+    for x, row in item.crop.crop_to_image(out.landmarks[b].detach().double().cpu().numpy()):
+        draw.ellipse((x - radius, row - radius, x + radius, row + radius), fill=(0, 255, 0))
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+    return path
 
 
 def _write_coeffs(path: Path, out: HRNOutput, b: int, item: _Input, units: str, factor: float) -> Path:
@@ -240,7 +257,9 @@ def _write_coeffs(path: Path, out: HRNOutput, b: int, item: _Input, units: str, 
         "gamma": c.gamma[0].numpy(), "trans": c.trans[0].numpy() * factor,
         "units": np.array(_unit_label(units)),
         "landmarks": out.landmarks[b].detach().double().cpu().numpy(),  # predicted, crop pixels (x, row)
-        "crop_transform": item.transform,  # image -> crop: crop = scale * p + (tx, ty)
+        # image -> crop pixels: crop = (kx, ky) * p + (dx, dy), the exact geometry of the resize and crop box
+        "crop_transform": np.concatenate(item.crop.affine()),
+        "trans_params": item.crop.trans_params(),  # Deep3DFaceRecon's [W, H, s, tx, ty]
         "image_size": np.array(out.render_mask.shape[-1]),
         "source": np.array(str(item.source)),
     }
@@ -255,15 +274,18 @@ def _write_coeffs(path: Path, out: HRNOutput, b: int, item: _Input, units: str, 
 
 def predict(checkpoint: str | Path | None, images: Sequence[str | Path], out: str | Path, *,
             landmarks: str | Path | None = None, units: str = "model", device: str = "auto", batch_size: int = 8,
-            progress: Progress | None = None, model: HRN | None = None) -> list[Prediction]:
+            progress: Progress | None = None, model: HRN | None = None, model_config: ModelConfig | None = None,
+            standard_landmarks: str | Path | None = None) -> list[Prediction]:
     """Reconstruct every image and write ``out/<image stem>/``: coarse.obj, mid.obj, high.obj (each
     with .mtl and texture .png), deformation / displacement .npy and 16-bit .png, maps.json (units
-    and PNG scaling) and coeffs.npz. A bad image is reported in its `Prediction` and skipped.
-    ``model`` overrides the checkpoint (an already loaded HRN)."""
+    and PNG scaling), coeffs.npz and overlay.png. A bad image is reported in its `Prediction` and
+    skipped. ``model`` overrides the checkpoint (an already loaded HRN); ``model_config`` is for
+    public checkpoints; ``standard_landmarks`` names `similarity_Lm3D_all.mat` (default:
+    `preprocess.standard_landmarks`)."""
     _unit_factor(units)
-    model = model if model is not None else load_model(checkpoint, device)
+    model = model if model is not None else load_model(checkpoint, device, model_config)
     model.eval()
-    template5 = template5_from_model(model.morphable, model.image_size)
+    standard68 = find_standard_landmarks(model.morphable, standard_landmarks)
     landmarks_dir = None if landmarks is None else Path(landmarks)
     if landmarks_dir is not None and not landmarks_dir.is_dir():
         raise FileFormatError(landmarks_dir, "no such landmark folder (68 lines 'x y' per <image stem>.txt)")
@@ -280,7 +302,7 @@ def predict(checkpoint: str | Path | None, images: Sequence[str | Path], out: st
         inputs = []
         for i in chunk:
             try:
-                inputs.append((i, prepare_input(paths[i], landmarks_dir, template5, model.image_size)))
+                inputs.append((i, prepare_input(paths[i], landmarks_dir, standard68, model.image_size)))
             except FaceHDError as exc:
                 results[i].error = str(exc)
         if not inputs:

@@ -14,7 +14,7 @@ from PIL import Image
 
 from facehd.errors import FileFormatError, InputError
 from facehd.io import load_mesh
-from facehd.wild import align_to_crop, read_image, read_landmarks, template5_from_model
+from facehd.wild import read_image, read_landmarks
 from hrn_baseline.cli import main
 from hrn_baseline.predict import (
     decode_png16,
@@ -24,6 +24,7 @@ from hrn_baseline.predict import (
     read_png16,
     write_png16,
 )
+from hrn_baseline.preprocess import RESCALE_FACTOR, align_image, standard_landmarks_from_model
 
 LEVELS = ("coarse", "mid", "high")
 
@@ -84,7 +85,7 @@ def test_meshes_match_the_forward_pass(predicted, tiny_wild, model):
     """mid.obj is M1, high.obj the used texels of the dense grid, both with UVs and the texture."""
     image = read_image(tiny_wild / "images" / "000000.png")
     landmarks = read_landmarks(tiny_wild / "landmarks" / "000000.txt")
-    crop = align_to_crop(image, landmarks, None, template5_from_model(model.morphable, 64), 64)
+    crop = align_image(image, landmarks, standard_landmarks_from_model(model.morphable), 64, RESCALE_FACTOR * 64 / 224)
     with torch.no_grad():
         out = model(crop.image[None])
     mid = load_mesh(predicted / "model" / "000000" / "mid.obj", load_texture=True)
