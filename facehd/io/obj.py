@@ -348,7 +348,8 @@ def _resolve_indices(
         defined_at_corner = np.repeat(defined[block_of_face], lengths, axis=0)
         out = np.where(negative, corners + defined_at_corner, out)
     names = ("vertex", "texture coordinate", "normal")
-    for col, (name, total) in enumerate(zip(names, totals, strict=True)):
+    plurals = ("vertices", "texture coordinates", "normals")
+    for col, (name, plural, total) in enumerate(zip(names, plurals, totals, strict=True)):
         if col == 2 and total == 0:
             # Exporters (REALY's HIFI3D.obj among them) write `f v/vt/vn` with no `vn` lines: the
             # normal indices point at nothing and nothing needs them, so they are not read.
@@ -364,7 +365,7 @@ def _resolve_indices(
             raise MeshFormatError(
                 path,
                 f"{name} index out of range: face {face} uses index {corners[k, col]} but the "
-                f"file defines {total} {name}s ({int(bad.sum())} bad indices in all)",
+                f"file defines {total} {plural} ({int(bad.sum())} bad indices in all)",
             )
     out[corners == 0] = -1
     return out
