@@ -120,11 +120,17 @@ class TemplateKeypoints:
 
 @dataclass(frozen=True, eq=False)
 class RegionMesh:
-    """A ground-truth region as REALY uses it: duplicate vertices merged, unreferenced dropped."""
+    """A ground-truth region as REALY uses it: duplicate vertices merged, unreferenced dropped.
+
+    Degenerate triangles (zero area or a repeated vertex) stay in `faces`, as in REALY (trimesh's
+    `process=True` keeps them): the GT triangles only give bICP its edge graph, and errors are
+    measured at the GT vertices, so such a triangle adds at most an edge. `degenerate_faces` counts
+    them, for the report."""
 
     name: str
     vertices: np.ndarray  # (N, 3) float64, GT units (mm = units x metrical scale)
     faces: np.ndarray  # (F, 3) int64, 0-based
+    degenerate_faces: int = 0  # zero-area or repeated-vertex triangles in the file
 
 
 @dataclass(frozen=True, eq=False)
@@ -216,6 +222,7 @@ class PredictionResult:
     gicp_reflection: bool = False
     ricp_iterations: dict[str, int] = field(default_factory=dict)
     ricp_reflection: bool = False
+    gt_degenerate_faces: dict[str, int] = field(default_factory=dict)  # per region, see RegionMesh
 
 
 @dataclass(frozen=True)
@@ -278,20 +285,16 @@ def merge_gt_vertices(vertices: np.ndarray, faces: np.ndarray) -> tuple[np.ndarr
 def read_region_mesh(path: str | Path, name: str | None = None) -> RegionMesh:
     """`REALY_scan_region/<id>/<region>.obj` -> the region as REALY evaluates it (GT units).
 
-    Raises FileFormatError for an empty region or one with degenerate (zero-area or repeated-vertex)
-    triangles, naming the first one.
+    Degenerate (zero-area or repeated-vertex) triangles are kept and counted (`RegionMesh`).
+    Raises FileFormatError for an empty region.
     """
     path = Path(path)
     vertices, faces = _read_obj_arrays(path)
     if len(faces) == 0:
         raise FileFormatError(path, "GT region has no triangles (empty region)")
-    bad = _degenerate_faces(vertices, faces)
-    if bad.any():
-        k = int(np.argmax(bad))
-        raise FileFormatError(path, f"{int(bad.sum())} degenerate triangles (zero area or a repeated vertex), "
-                                    f"first: face {k + 1} = vertices {(faces[k] + 1).tolist()} (1-based)")
+    degenerate = int(_degenerate_faces(vertices, faces).sum())
     merged_vertices, merged_faces = merge_gt_vertices(vertices, faces)
-    return RegionMesh(name or path.stem, merged_vertices, merged_faces)
+    return RegionMesh(name or path.stem, merged_vertices, merged_faces, degenerate)
 
 
 def read_metrical_scale(path: str | Path) -> dict[int, float]:
@@ -756,6 +759,53 @@ def _region_error(index: SurfaceIndex, icp: RigidFit, gt: RegionMesh, pred_keypo
     return np.linalg.norm(updated - gt.vertices, axis=1), result.steps
 
 
+def _uncovered_degenerate_faces(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
+    """Indices of the degenerate (zero-area) faces whose points are not all on other faces.
+
+    A degenerate triangle is the segment between its two farthest corners (a point when all three
+    coincide). `SurfaceIndex` leaves it out, which changes no closest point when that segment lies
+    on the edges of the non-degenerate faces: the segment is such an edge, or its two parts through
+    the middle corner are. Vertices are compared by position, so split copies of a vertex count as one.
+    """
+    degenerate = _degenerate_faces(vertices, faces)
+    if not degenerate.any():
+        return np.zeros(0, dtype=np.int64)
+    _, canonical = np.unique(vertices, axis=0, return_inverse=True)
+    canonical = canonical.reshape(-1).astype(np.int64)
+    n = int(canonical.max()) + 1
+    good = canonical[faces[~degenerate]]
+    pairs = np.sort(good[:, [0, 1, 1, 2, 2, 0]].reshape(-1, 2), axis=1)
+    edge_keys = np.unique(pairs[:, 0] * n + pairs[:, 1])
+    good_vertices = np.unique(good)
+
+    def on_surface(x: np.ndarray, y: np.ndarray) -> np.ndarray:  # segment x-y is an edge, or a used point
+        low, high = np.minimum(x, y), np.maximum(x, y)
+        return np.where(x == y, np.isin(x, good_vertices), np.isin(low * n + high, edge_keys))
+
+    index = np.flatnonzero(degenerate)
+    corners = canonical[faces[index]]  # (D, 3)
+    tri = vertices[faces[index]]
+    lengths = np.stack([np.sum((tri[:, (k + 1) % 3] - tri[:, (k + 2) % 3]) ** 2, axis=1) for k in range(3)],
+                       axis=1)  # column k: the edge opposite corner k
+    middle = np.argmax(lengths, axis=1)  # the corner opposite the longest edge
+    rows = np.arange(len(index))
+    p, m, q = corners[rows, (middle + 1) % 3], corners[rows, middle], corners[rows, (middle + 2) % 3]
+    covered = on_surface(p, q) | (on_surface(p, m) & on_surface(m, q))
+    return index[~covered]
+
+
+def _prediction_surface(vertices: np.ndarray, faces: np.ndarray, source: str) -> SurfaceIndex:
+    """The prediction's `SurfaceIndex`, refused when leaving its degenerate faces out (as SurfaceIndex
+    does) could change a closest point, i.e. REALY's score."""
+    uncovered = _uncovered_degenerate_faces(vertices, faces)
+    if len(uncovered):
+        k = int(uncovered[0])
+        raise InputError(f"{source}: {len(uncovered)} degenerate (zero-area) triangles that no other triangle "
+                         f"covers, first: face {k + 1} = vertices {(faces[k] + 1).tolist()} (1-based); REALY "
+                         "measures to them, facehd cannot, so the score could differ: fix the mesh")
+    return SurfaceIndex(vertices, faces)
+
+
 def _check_topology(template: TemplateKeypoints, vertices: np.ndarray, faces: np.ndarray, source: str) -> None:
     if template.n_vertices is not None and len(vertices) != template.n_vertices:
         raise InputError(f"{source}: has {len(vertices)} vertices, the template {template.source} "
@@ -788,12 +838,12 @@ def evaluate_prediction(vertices, faces, subject: RealySubject, template: Templa
     gicp = fit_icp_rt(keypoints[seven], subject.keypoints[seven], with_scale=True)
     aligned = gicp.apply(vertices)
     aligned_keypoints = gicp.apply(keypoints)
-    icp_index = SurfaceIndex(aligned, faces)
+    icp_index = _prediction_surface(aligned, faces, source)
     eval_index = icp_index
     if template_mask is not None:
         if len(template_mask) != len(vertices):
             raise InputError(f"{source}: template mask has {len(template_mask)} values for {len(vertices)} vertices")
-        eval_index = SurfaceIndex(aligned, faces[template_mask[faces].all(axis=1)])
+        eval_index = _prediction_surface(aligned, faces[template_mask[faces].all(axis=1)], source)
     regions = {}
     with single_threaded_blas():  # many small dense kernels: BLAS threads only contend
         for name in REGIONS:
@@ -819,6 +869,7 @@ def _result(prediction: PredictionFile, evaluation: PredictionEvaluation) -> Pre
         evaluation.gicp.scale, evaluation.gicp.reflection,
         {k: r.icp.iterations for k, r in evaluation.regions.items()},
         any(r.icp.reflection for r in evaluation.regions.values()),
+        {k: r.gt.degenerate_faces for k, r in evaluation.regions.items()},
     )
 
 
@@ -973,8 +1024,11 @@ def realy_table(track: str, evaluated: dict[str, pd.DataFrame], *, published: bo
     return pd.DataFrame(rows, index=pd.Index(labels, name="method"), columns=columns)
 
 
-def table_note(track: str, counts: dict[str, int], *, published: bool = True, synthetic: bool = False) -> str:
-    """The text under a REALY table: what was measured, how, on what, and where published rows come from."""
+def table_note(track: str, counts: dict[str, int], *, published: bool = True, synthetic: bool = False,
+               degenerate_gt: dict[tuple[int, str], int] | None = None) -> str:
+    """The text under a REALY table: what was measured, how, on what, and where published rows come from.
+
+    `degenerate_gt`: (subject, region) -> degenerate GT triangles of the evaluated subjects (see RegionMesh)."""
     evaluated = ", ".join(f"{m}: {n}" for m, n in counts.items()) or "none"
     expected = {"frontal": 100, "side": 400}[track]
     lines = [
@@ -989,6 +1043,11 @@ def table_note(track: str, counts: dict[str, int], *, published: bool = True, sy
         lines.append(f"Published rows ({', '.join(REALY_PUBLISHED.get(track, {}))}): {REALY_SOURCE}.")
     if synthetic:
         lines.append("Data: the synthetic REALY stand-in (SynthBFM subjects), not comparable to the published rows.")
+    shown = {key: n for key, n in sorted((degenerate_gt or {}).items()) if n}
+    if shown:
+        where = ", ".join(f"subject {subject} {region} {n}" for (subject, region), n in shown.items())
+        lines.append(f"GT regions with degenerate (zero-area) triangles, evaluated as REALY does (such a triangle "
+                     f"only adds edges to bICP's graph): {where}.")
     return "\n".join(lines)
 
 
@@ -1015,16 +1074,26 @@ class RealyRun:
         return realy_table(track, {m: self.errors(m, track) for m in self.results}, published=published)
 
     def note(self, track: str, *, published: bool = True) -> str:
+        degenerate = {(r.subject_id, region): n for results in self.results.values() for r in results
+                      if r.track == track for region, n in r.gt_degenerate_faces.items()}
         return table_note(track, {m: len(self.errors(m, track)) for m in self.results}, published=published,
-                          synthetic=self.synthetic)
+                          synthetic=self.synthetic, degenerate_gt=degenerate)
 
 
 def collect_predictions(methods: dict[str, Path], track: str = "both"
                         ) -> tuple[dict[str, list[PredictionFile]], dict[str, list[str]]]:
-    """Each method's prediction files for `track`, and the .obj files skipped as not REALY-named."""
+    """Each method's prediction files for `track`, and the .obj files skipped as not REALY-named.
+
+    Raises InputError naming the folder when a method has no predictions for `track`."""
     if track not in TRACKS + ("both",):
         raise InputError(f"unknown track {track!r}; choose frontal, side or both")
     listed = {method: list_predictions(folder, track) for method, folder in methods.items()}
+    for method, (found, skipped) in listed.items():
+        if not found:
+            which = "" if track == "both" else f" {track}"
+            others = f"; {len(skipped)} other .obj files skipped" if skipped else ""
+            raise InputError(f"{methods[method]}: no{which} REALY predictions found for {method!r} (expected "
+                             f"<id>.obj or <id>_<k>.obj, or any <id>[_<k>].obj under frontal/ or side/{others})")
     return {m: found for m, (found, _) in listed.items()}, {m: skipped for m, (_, skipped) in listed.items()}
 
 
@@ -1060,7 +1129,8 @@ def write_run(run: RealyRun, out_dir: str | Path) -> list[Path]:
             rows.append({"method": method, "track": r.track, "prediction": r.name, "subject": r.subject_id,
                          **{f"{k}_mm": r.errors_mm[k] for k in REGIONS}, "gicp_scale": r.gicp_scale,
                          "gicp_reflection": r.gicp_reflection, "ricp_reflection": r.ricp_reflection,
-                         **{f"ricp_iterations_{k}": r.ricp_iterations.get(k) for k in REGIONS}})
+                         **{f"ricp_iterations_{k}": r.ricp_iterations.get(k) for k in REGIONS},
+                         **{f"gt_degenerate_faces_{k}": r.gt_degenerate_faces.get(k) for k in REGIONS}})
     path = out_dir / "realy_predictions.csv"
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_open(path, "w", newline="") as fh:

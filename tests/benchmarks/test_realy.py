@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 from functools import lru_cache
 
 import numpy as np
@@ -348,15 +349,58 @@ def test_readers_accept_realy_formats_and_name_bad_files(tmp_path):
         realy.read_gt_keypoints(gt)
 
 
-def test_degenerate_or_empty_gt_region_is_an_error(tmp_path):
+def test_degenerate_gt_triangles_are_kept_and_counted_empty_region_is_an_error(tmp_path):
     vertices = np.array([[0.0, 0, 0], [1, 0, 0], [0, 1, 0], [2, 0, 0]])
     path = tmp_path / "nose.obj"
     save_mesh(path, Mesh(vertices, np.array([[0, 1, 2], [0, 1, 3]])))  # the second is flat: zero area
-    with pytest.raises(FileFormatError, match="degenerate"):
-        realy.read_region_mesh(path)
+    region = realy.read_region_mesh(path)
+    assert region.degenerate_faces == 1 and region.faces.tolist() == [[0, 1, 2], [0, 1, 3]]
     save_mesh(path, Mesh(vertices, np.zeros((0, 3), dtype=np.int64)))
     with pytest.raises(FileFormatError, match="empty"):
         realy.read_region_mesh(path)
+
+
+def test_nicp_with_degenerate_gt_triangles_matches_naive_port():
+    """REALY keeps degenerate GT triangles: their edges enter bICP's graph, a repeated vertex adds nothing."""
+    gt = case().subject.regions["nose"]
+    a, b, c = gt.faces[0]
+    vertices = np.vstack([gt.vertices, 0.5 * (gt.vertices[a] + gt.vertices[b])])  # a vertex on edge a-b
+    m = len(gt.vertices)
+    faces = np.vstack([gt.faces, [[a, m, b], [c, c, a]]])  # zero area; a repeated vertex
+    region = realy.RegionMesh("nose", vertices, faces, 2)
+    rng = np.random.default_rng(6)
+    targets = vertices + 0.05 * np.sin(vertices[:, [1, 2, 0]]) + rng.normal(scale=0.01, size=vertices.shape)
+    kp_idx = np.r_[rng.choice(m, 8, replace=False), m]
+    kp_tgt = targets[kp_idx] + 0.05
+    result = realy.realy_nicp(region, targets, keypoint_index=kp_idx, keypoint_targets=kp_tgt)
+    assert_close(result.vertices, naive_nicp(vertices, targets, faces, kp_idx, kp_tgt), atol=1e-8)
+
+
+def test_degenerate_prediction_triangles_are_refused_only_where_they_could_change_the_score():
+    square = np.array([[0.0, 0, 0], [1, 0, 0], [1, 1, 0], [0, 1, 0], [0.5, 0, 0], [2, 0, 0], [3, 0, 0]])
+    good = [[0, 1, 2], [0, 2, 3]]
+    covered = [[0, 0, 1], [0, 4, 1], [2, 2, 2]]  # a repeated vertex, a point on edge 0-1, one vertex
+    uncovered = [[1, 5, 6], [4, 4, 4]]  # a segment off the surface, a point off its vertices
+    found = realy._uncovered_degenerate_faces(square, np.array(good + covered + uncovered))
+    assert found.tolist() == [5, 6]
+
+    c = case()
+    edge_faces = {}
+    for f, face in enumerate(c.faces):
+        for i, j in ((0, 1), (1, 2), (2, 0)):
+            edge_faces.setdefault(tuple(sorted((face[i], face[j]))), []).append((f, face[3 - i - j]))
+    boundary_vertices = {v for edge, owners in edge_faces.items() if len(owners) == 1 for v in edge}
+    inner = next((edge, owners[0]) for edge, owners in edge_faces.items() if len(owners) == 2
+                 and owners[0][1] not in boundary_vertices)
+    rim = next((edge, owners[0]) for edge, owners in edge_faces.items() if len(owners) == 1)
+    for (a, b), (_, apex) in (inner, rim):  # flatten the triangle: its apex onto the middle of edge a-b
+        vertices = c.vertices.copy()
+        vertices[apex] = 0.5 * (vertices[a] + vertices[b])
+        if (a, b) == rim[0]:  # on the rim nothing else covers edge a-b: REALY's surface differs from ours
+            with pytest.raises(InputError, match="1 degenerate .* that no other triangle covers"):
+                evaluate(vertices)
+        else:  # the neighbour across a-b covers it: the same surface, evaluated
+            assert all(np.isfinite(list(evaluate(vertices).errors_mm.values())))
 
 
 def test_gt_region_duplicates_are_merged_like_trimesh(tmp_path):
@@ -401,6 +445,48 @@ def test_cli_end_to_end(tiny_set, tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert list(data) == ["frontal"] and "truth" in data["frontal"]["rows"]
+
+
+def test_cli_evaluates_gt_with_a_degenerate_triangle_and_reports_it(tiny_set, tmp_path):
+    root = tmp_path / "realy"
+    shutil.copytree(tiny_set.root / "REALY_HIFI3D_keypoints", root / "REALY_HIFI3D_keypoints")
+    shutil.copytree(tiny_set.root / "REALY_scan_region", root / "REALY_scan_region")
+    shutil.copy(tiny_set.root / "metrical_scale.txt", root)
+    nose = root / "REALY_scan_region" / "1" / "nose.obj"
+    vertices, faces = realy._read_obj_arrays(nose)  # the file's numbering
+    a, b, _ = faces[0] + 1
+    middle = (0.5 * (vertices[a - 1] + vertices[b - 1])).tolist()
+    with nose.open("a") as fh:  # one zero-area triangle: a new vertex on the middle of edge a-b
+        fh.write(f"v {middle[0]!r} {middle[1]!r} {middle[2]!r}\nf {a} {len(vertices) + 1} {b}\n")
+    preds = tiny_set.predictions("truth-noise")
+    args = ["--template-keypoints", str(tiny_set.template_keypoints), "--pred", f"truth={preds}",
+            "--track", "frontal", "--format", "json", "--out"]
+    before = CliRunner().invoke(realy_command, ["--realy", str(tiny_set.root)] + args + [str(tmp_path / "before")])
+    after = CliRunner().invoke(realy_command, ["--realy", str(root)] + args + [str(tmp_path / "after")])
+    assert before.exit_code == 0 and after.exit_code == 0, after.output
+    assert "subject 1 nose 1" in json.loads(after.stdout)["frontal"]["note"]
+    assert "degenerate" not in json.loads(before.stdout)["frontal"]["note"]
+    rows = pd.read_csv(tmp_path / "after" / "realy_predictions.csv")
+    assert rows["gt_degenerate_faces_nose"].tolist() == [1] and rows["gt_degenerate_faces_cheek"].tolist() == [0]
+    old, new = (realy.read_realy_error(tmp_path / run / "truth" / "frontal" / "REALY_error.txt") for run in
+                ("before", "after"))
+    assert (old[["mouth", "forehead", "cheek"]] == new[["mouth", "forehead", "cheek"]]).all(axis=None)
+    assert abs(new.loc["1", "nose"] - old.loc["1", "nose"]) < 2e-3  # mm: one GT vertex more in the mean
+
+
+def test_cli_says_when_a_prediction_folder_holds_nothing(tiny_set, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.obj").write_text("v 0 0 0\n")
+    base = ["--realy", str(tiny_set.root), "--template-keypoints", str(tiny_set.template_keypoints)]
+    result = CliRunner().invoke(realy_command, base + ["--pred", f"mine={empty}"])
+    assert result.exit_code == 1
+    assert f"{empty}: no REALY predictions found for 'mine'" in result.output and "1 other .obj" in result.output
+    side_only = tmp_path / "side_only"
+    side_only.mkdir()
+    shutil.copy(tiny_set.predictions("truth-noise") / "1_1.obj", side_only)
+    result = CliRunner().invoke(realy_command, base + ["--pred", f"mine={side_only}", "--track", "frontal"])
+    assert result.exit_code == 1 and f"{side_only}: no frontal REALY predictions" in result.output
 
 
 def test_cli_refuses_incomplete_real_arguments(tiny_set):
