@@ -16,8 +16,9 @@ Steps (Deep3DFaceRecon `load_lm3d`, `extract_5p`, `POS`, `resize_n_crop_img`; HR
    up = int(h / 2 - S / 2 + (H / 2 - ty) s) (`int` truncates toward zero, as numpy's astype; PIL
    pads black outside the resized image). 224 uses rescale factor 102; the 512 crop 102 * 512 / 224.
 5. Landmarks move by the public formula ((x - tx + W / 2) s - (w / 2 - S / 2), likewise y), which
-   ignores the truncations of step 4 (a sub-pixel difference from the image's own geometry; the
-   public models were trained with it), and are returned as crop pixels (x, row), row = S - 1 - y.
+   ignores the truncations of step 4 and PIL's pixel-centre convention, so it differs from the
+   image's own geometry by up to 1 + 0.5 |s - 1| crop pixels (the public models were trained with
+   it); they are returned as crop pixels (x, row), row = S - 1 - y.
 
 `PublicCrop.crop_to_image` maps crop pixels back to the photo through the image's exact geometry
 (the resize and the integer crop box), for overlays on the original photo.
