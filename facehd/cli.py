@@ -138,7 +138,8 @@ def model_info(path: Path):
 def _capture_batch_options(func):
     """Options shared by the per-capture batch commands (align, gt-maps)."""
     options = [
-        click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=Path)),
+        # ROOT is checked in `_run_capture_batch`: a bad ROOT is a one-line error with exit status 1.
+        click.argument("root", type=click.Path(path_type=Path)),
         click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), required=True,
                      help="Derived-products root: OUT/<subject>/<expression>/ (never inside ROOT's captures)."),
         click.option("--model", "model_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -167,11 +168,13 @@ def _run_capture_batch(run, root: Path, job, workers: int, shard: str | None, wh
     exit status 1 when any capture failed."""
     from facehd.batch import resolve_shard
     from facehd.clitools import progress
+    from facehd.validate import check_dataset_root
 
     def report_failure(result) -> None:
         if result.status == "failed":
             click.echo(f"FAILED {result.name}: {result.message}", err=True)
 
+    check_dataset_root(root)
     resolved = resolve_shard(shard)
     report = run(root, job, workers=workers, shard=resolved, on_result=report_failure,
                  progress=lambda items, **kw: progress(items, unit="capture", **kw))

@@ -4,7 +4,9 @@ together, each naming the file it is about."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import html
+import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -14,8 +16,12 @@ import numpy as np
 
 from facehd.capture import (
     CAMERA_NAMES,
+    CAMERAS_JSON,
     IMAGE_SUFFIXES,
+    IMAGES_DIR,
+    LANDMARKS7_TXT,
     LANDMARKS68_DIR,
+    SCAN_PLY,
     SUBJECTS_CSV,
     Camera,
     CapturePaths,
@@ -51,7 +57,9 @@ CHECKS = {
     "scan_degenerate": "the scan has enough vertices, a non-zero extent and faces with area",
     "scan_units": "the scan's size is plausible for millimetres",
     "landmarks7": "landmarks7.txt has 7 rows of x y z",
+    "landmarks7_units": "the 7 landmarks span a face's size in millimetres",
     "landmarks7_in_scan": "the 7 landmarks lie within the scan's bounds",
+    "landmarks7_mirrored": "the 7 landmarks are a face, not its mirror image (left and right not swapped)",
     "landmarks7_projection": "the 7 landmarks project in front of every camera and inside its image",
     "landmarks68": "68-point files have 68 rows, visible points inside the image",
     "landmarks68_reprojection": "the 7 scan landmarks reproject near the same points of the 68-point files",
@@ -66,6 +74,15 @@ SUSPECTED_UNITS = (("metres", 1000.0), ("model units (1 unit = 100 mm)", MM_PER_
 ZERO_AREA_MM2 = 1e-10
 ZERO_AREA_WARNING_FRACTION = 0.05
 LANDMARK_SCAN_MARGIN_MM = 10.0
+# RMS distance of the 7 landmarks from their centre: about 40-50 mm for adults (the outer eye
+# corners are ~90 mm apart). The range is under 10x wide, so at most one power of ten explains
+# a file in another unit.
+LANDMARKS7_RADIUS_RANGE_MM = (20.0, 100.0)
+LANDMARK_SUSPECTED_SCALES = (*SUSPECTED_UNITS, ("tenths of a millimetre", 0.1), ("micrometres", 0.001))
+# Mirrored landmarks: each estimate of where the face looks must be this clear (cosine between the
+# face normal the eye and mouth corners give and the estimate; the subnasale's lead in mm).
+FACING_MIN_COSINE = 0.25
+SUBNASALE_MIN_LEAD_MM = 3.0
 LANDMARK68_TOLERANCE = 0.05  # reprojection tolerance as a fraction of the image's larger side
 
 Progress = Callable[..., Iterable]  # called as progress(iterable, total=n, desc=text), e.g. tqdm
@@ -87,12 +104,14 @@ class Problem:
 
 @dataclass
 class ValidationReport:
-    """Everything `validate_dataset` found. A capture passes when no error is about its files."""
+    """Everything `validate_dataset` found. A capture passes when no error (with ``strict``, no
+    problem at all) is about its files."""
 
     root: Path
     problems: list[Problem] = field(default_factory=list)
     captures_checked: int = 0
     captures_passed: int = 0
+    strict: bool = False  # warnings fail too
 
     @property
     def errors(self) -> list[Problem]:
@@ -104,14 +123,19 @@ class ValidationReport:
 
     @property
     def ok(self) -> bool:
-        """True when there is no error (warnings allowed)."""
-        return not self.errors
+        """True when there is no error, and with ``strict`` no warning either."""
+        return not any(self.fails(p) for p in self.problems)
+
+    def fails(self, problem: Problem) -> bool:
+        """Whether ``problem`` fails the validation: an error, or with ``strict`` any problem."""
+        return problem.severity == ERROR or self.strict
 
     def summary(self) -> str:
         verdict = "PASSED" if self.ok else "FAILED"
+        strict = " (strict: warnings fail)" if self.strict else ""
         return (
-            f"{verdict}: {self.root}: {self.captures_checked} captures checked, {self.captures_passed} passed; "
-            f"{len(self.errors)} errors, {len(self.warnings)} warnings"
+            f"{verdict}{strict}: {self.root}: {self.captures_checked} captures checked, {self.captures_passed} "
+            f"passed; {len(self.errors)} errors, {len(self.warnings)} warnings"
         )
 
     def lines(self) -> list[str]:
@@ -189,27 +213,68 @@ def _md_cell(text: str) -> str:
 # --- the dataset -------------------------------------------------------------------------------
 
 
-def validate_dataset(root: str | Path, *, progress: Progress | None = None) -> ValidationReport:
+def validate_dataset(root: str | Path, *, strict: bool = False, progress: Progress | None = None) -> ValidationReport:
     """Check every capture of the dataset at ``root`` and subjects.csv; never stop at a problem.
 
-    ``progress``, if given, wraps the capture iterable (called as ``progress(refs, total=n,
-    desc=...)``, e.g. ``tqdm``).
+    Raises `InputError` when ``root`` is not a dataset root at all (`check_dataset_root`). With
+    ``strict`` warnings fail too. ``progress``, if given, wraps the capture iterable (called as
+    ``progress(refs, total=n, desc=...)``, e.g. ``tqdm``).
     """
     root = Path(root)
-    refs = find_captures(root)  # raises InputError if root is not a directory
-    report = ValidationReport(root=root)
+    check_dataset_root(root)
+    refs = find_captures(root)
+    report = ValidationReport(root=root, strict=strict)
     report.problems += check_subjects(root)
     if not refs:
         report.problems.append(Problem(root, "layout", "no captures found (expected <subject>/<expression>/ folders)"))
-    failed_dirs = {p.path for p in report.errors if p.path.is_dir()}
+    failed_dirs = {p.path for p in report.problems if report.fails(p) and p.path.is_dir()}
     items = progress(refs, total=len(refs), desc="validate") if progress is not None else refs
     for ref in items:
         problems = check_capture(ref)
         report.problems += problems
         report.captures_checked += 1
-        failed = any(p.severity == ERROR for p in problems) or ref.root / ref.subject in failed_dirs
+        failed = any(report.fails(p) for p in problems) or ref.root / ref.subject in failed_dirs
         report.captures_passed += not failed
     return report
+
+
+def check_dataset_root(root: str | Path) -> None:
+    """Raise `InputError` when ``root`` is not a dataset root: missing, not a folder, empty, or a
+    subject or capture folder given by mistake (the message names the folder to give instead)."""
+    root = Path(root)
+    if not root.is_dir():
+        problem = "not a folder" if root.exists() else absent_reason(root, "the folder")
+        raise InputError(f"{root}: {'no such folder' if problem.startswith('missing') else problem}")
+    if (root / SUBJECTS_CSV).exists():
+        return
+    if _looks_like_capture(root):
+        raise InputError(f"{root}: a capture folder (<subject>/<expression>), not a dataset root; give the dataset "
+                         f"root, {root.absolute().parent.parent}")
+    folders = subject_dirs(root)
+    if any(_looks_like_capture(d) for d in folders):
+        raise InputError(f"{root}: a subject folder, not a dataset root (no {SUBJECTS_CSV}, and its folders are "
+                         f"captures); give its parent, {root.absolute().parent}")
+    if not folders:
+        raise InputError(f"{root}: no dataset here (no {SUBJECTS_CSV} and no <subject>/<expression>/ folders)")
+
+
+def _looks_like_capture(folder: Path) -> bool:
+    return any((folder / name).exists() for name in (CAMERAS_JSON, SCAN_PLY, LANDMARKS7_TXT, IMAGES_DIR))
+
+
+def absent_reason(path: str | Path, what: str) -> str:
+    """Why ``path`` is not there to read, for a message about ``what``: 'missing scan.ply', 'scan.ply
+    is a symlink loop', 'scan.ply is a broken symlink (to x.ply)' or 'scan.ply is not a file'."""
+    path = Path(path)
+    try:
+        path.stat()
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return f"{what} is a symlink loop"
+        if os.path.islink(path):
+            return f"{what} is a broken symlink (to {os.readlink(path)})"
+        return f"missing {what}"
+    return f"{what} is not a file" if not path.is_file() else f"{what} is there"
 
 
 def check_subjects(root: str | Path) -> list[Problem]:
@@ -220,7 +285,7 @@ def check_subjects(root: str | Path) -> list[Problem]:
     problems = [Problem(d, "layout", "subject folder has no expression folders")
                 for d in folders.values() if not any(c.is_dir() and not c.name.startswith(".") for c in d.iterdir())]
     if not csv_path.is_file():
-        return problems + [Problem(csv_path, "layout", f"missing {SUBJECTS_CSV}")]
+        return problems + [Problem(csv_path, "layout", absent_reason(csv_path, SUBJECTS_CSV))]
     try:
         table = read_subjects(csv_path, check=False)
     except FileFormatError as exc:
@@ -247,10 +312,11 @@ def check_capture(ref: CaptureRef) -> list[Problem]:
     problems: list[Problem] = []
     cameras, sane = _check_cameras(paths, problems)
     _check_images(paths, cameras, problems)
-    scan_bounds = _check_scan(paths, problems)
-    landmarks7 = _check_landmarks7(paths, scan_bounds, problems)
+    scan = _check_scan(paths, problems)
+    sane_cameras = {n: cameras[n] for n in sane}
+    landmarks7 = _check_landmarks7(paths, scan, sane_cameras, problems)
     if landmarks7 is not None:
-        _check_projection(paths, landmarks7, {n: cameras[n] for n in sane}, problems)
+        _check_projection(paths, landmarks7, sane_cameras, problems)
     _check_landmarks68(paths, cameras, sane, landmarks7, problems)
     return problems
 
@@ -258,7 +324,7 @@ def check_capture(ref: CaptureRef) -> list[Problem]:
 def _check_cameras(paths: CapturePaths, problems: list[Problem]) -> tuple[dict[str, Camera], list[str]]:
     """Read cameras.json; returns all cameras and the names of those whose R and K are sane."""
     if not paths.cameras.is_file():
-        problems.append(Problem(paths.cameras, "layout", "missing cameras.json"))
+        problems.append(Problem(paths.cameras, "layout", absent_reason(paths.cameras, CAMERAS_JSON)))
         return {}, []
     try:
         cameras = read_cameras(paths.cameras)
@@ -330,8 +396,15 @@ def image_size(path: Path) -> tuple[int, int]:
 def _check_images(paths: CapturePaths, cameras: dict[str, Camera], problems: list[Problem]) -> None:
     for name, path in zip(CAMERA_NAMES, paths.images):
         if not path.is_file():
+            there = [p for p in (path.with_suffix(s) for s in IMAGE_SUFFIXES) if os.path.lexists(p)]
+            if there:  # a link to nothing, a loop or a folder: say which rather than "missing"
+                problems.append(Problem(there[0], "image_missing", f"view {name}: "
+                                        f"{absent_reason(there[0], f'{IMAGES_DIR}/{there[0].name}')}"))
+                continue
             options = " or ".join(f"{name}{s}" for s in IMAGE_SUFFIXES)
-            problems.append(Problem(path, "image_missing", f"missing view {name} (no images/{options})"))
+            reason = absent_reason(path, f"{IMAGES_DIR}/")  # the images folder itself may be a loop
+            detail = f"; {reason}" if "symlink" in reason else ""
+            problems.append(Problem(path, "image_missing", f"missing view {name} (no images/{options}{detail})"))
             continue
         others = [path.with_suffix(s) for s in IMAGE_SUFFIXES if s != path.suffix]
         for other in (o for o in others if o.is_file()):
@@ -347,13 +420,23 @@ def _check_images(paths: CapturePaths, cameras: dict[str, Camera], problems: lis
                                                          f"{camera.width}x{camera.height} for {name}"))
 
 
-def _check_scan(paths: CapturePaths, problems: list[Problem]) -> tuple[np.ndarray, np.ndarray] | None:
-    """Load and check the scan; returns its bounding box (min, max) in file units, or None."""
+@dataclass(frozen=True, eq=False)
+class ScanExtent:
+    """Where a scan is, in its file's units: bounding box and the median of its vertices."""
+
+    lo: np.ndarray  # (3,)
+    hi: np.ndarray  # (3,)
+    median: np.ndarray  # (3,) behind the face surface: a face scan curves around the head
+    in_mm: bool  # its size is plausible for millimetres (`scan_units` found nothing)
+
+
+def _check_scan(paths: CapturePaths, problems: list[Problem]) -> ScanExtent | None:
+    """Load and check the scan; returns where it is, or None when it cannot be read."""
     from facehd.io import load_mesh
 
     path = paths.scan
     if not path.is_file():
-        problems.append(Problem(path, "layout", "missing scan.ply"))
+        problems.append(Problem(path, "layout", absent_reason(path, SCAN_PLY)))
         return None
     try:
         mesh = load_mesh(path)
@@ -386,8 +469,9 @@ def _check_scan_geometry(path: Path, vertices: np.ndarray, faces: np.ndarray, pr
         problems.append(Problem(path, "scan_degenerate", f"zero extent along {'xyz'[int(np.argmin(extent))]} "
                                                          f"(bounding box {_fmt3(extent)})"))
     _check_faces(path, vertices if finite.all() else None, faces, problems)
+    found = len(problems)
     _check_units(path, float(np.linalg.norm(extent)), problems)
-    return lo, hi
+    return ScanExtent(lo, hi, np.median(vertices, axis=0), in_mm=len(problems) == found)
 
 
 def _check_faces(path: Path, vertices: np.ndarray | None, faces: np.ndarray, problems: list[Problem]) -> None:
@@ -421,24 +505,95 @@ def _check_units(path: Path, diagonal: float, problems: list[Problem]) -> None:
                                                 "no common unit explains it"))
 
 
-def _check_landmarks7(paths: CapturePaths, scan_bounds, problems: list[Problem]) -> np.ndarray | None:
+def _check_landmarks7(paths: CapturePaths, scan: ScanExtent | None, cameras: dict[str, Camera],
+                      problems: list[Problem]) -> np.ndarray | None:
+    """Read and check landmarks7.txt; returns the landmarks, or None when the checks that use them
+    (projection, reprojection) would only repeat this file's problem."""
     path = paths.landmarks7
     if not path.is_file():
-        problems.append(Problem(path, "layout", "missing landmarks7.txt"))
+        problems.append(Problem(path, "layout", absent_reason(path, LANDMARKS7_TXT)))
         return None
     try:
         landmarks = read_landmarks7(path)
     except FileFormatError as exc:
         problems.append(Problem(path, "landmarks7", exc.problem))
         return None
-    if scan_bounds is not None:
-        lo, hi = scan_bounds
+    units = _landmark_units_problem(landmarks)
+    if units is not None:  # wrong units put the landmarks everywhere: blame this file once
+        problems.append(Problem(path, "landmarks7_units", units))
+        return None
+    if scan is not None:
         margin = LANDMARK_SCAN_MARGIN_MM
-        outside = ((landmarks < lo - margin) | (landmarks > hi + margin)).any(axis=1)
+        outside = ((landmarks < scan.lo - margin) | (landmarks > scan.hi + margin)).any(axis=1)
         if outside.any():
             problems.append(Problem(path, "landmarks7_in_scan", f"{_which(outside)} outside the scan's bounding box "
                                                                 f"(with a {margin:g} mm margin)"))
+    mirrored = _mirrored_problem(landmarks, scan.median if scan is not None and scan.in_mm else None,
+                                 [camera.center_mm for camera in cameras.values()])
+    if mirrored is not None:
+        problems.append(Problem(path, "landmarks7_mirrored", mirrored))
     return landmarks
+
+
+def _landmark_units_problem(landmarks: np.ndarray) -> str | None:
+    """Why the landmarks cannot be a face in millimetres (their size), or None."""
+    radius = float(np.sqrt(np.mean(np.sum((landmarks - landmarks.mean(axis=0)) ** 2, axis=1))))
+    lo, hi = LANDMARKS7_RADIUS_RANGE_MM
+    if lo <= radius <= hi:
+        return None
+    size = (f"the 7 landmarks lie {radius:.4g} units from their centre (RMS) but a face's lie {lo:g}-{hi:g} mm "
+            "from theirs")
+    for unit, mm_per_unit in LANDMARK_SUSPECTED_SCALES:
+        if lo <= radius * mm_per_unit <= hi:
+            return f"{size}: the file looks like it is in {unit} (x{mm_per_unit:g} gives {radius * mm_per_unit:.0f} mm)"
+    return f"{size}; no common unit explains it"
+
+
+def landmarks7_normal(landmarks: np.ndarray) -> np.ndarray | None:
+    """(3,) unit vector out of the face that the 7 landmarks' handedness gives, or None.
+
+    The subject's right-to-left direction (eye and mouth corners 42, 45, 54 minus 36, 39, 48)
+    crossed with the mouth-to-eyes direction points forward, out of the face; for a mirrored set
+    (left and right rows swapped, or the points reflected) it points back into the head.
+    """
+    right, left = landmarks[[0, 1, 5]].mean(axis=0), landmarks[[2, 3, 6]].mean(axis=0)
+    eyes, mouth = landmarks[:4].mean(axis=0), landmarks[5:].mean(axis=0)
+    normal = np.cross(left - right, eyes - mouth)
+    length = float(np.linalg.norm(normal))
+    return normal / length if length > 0 else None
+
+
+def _mirrored_problem(landmarks: np.ndarray, scan_median: np.ndarray | None,
+                      camera_centres: list[np.ndarray]) -> str | None:
+    """The message when every clear sign says the landmarks are a mirror image, or None.
+
+    The face normal from the landmarks' handedness (`landmarks7_normal`) is compared with where
+    the face looks: away from the scan's median (the head is behind the face), towards the
+    cameras, and towards the subnasale, which leads the eye and mouth corners by 10-20 mm.
+    """
+    normal = landmarks7_normal(landmarks)
+    if normal is None:
+        return None
+    centre = landmarks.mean(axis=0)
+    lead_mm = float((landmarks[4] - landmarks[[0, 1, 2, 3, 5, 6]].mean(axis=0)) @ normal)
+    signs = []  # (what the face would look away from, says mirrored)
+    if abs(lead_mm) >= SUBNASALE_MIN_LEAD_MM:
+        signs.append((f"its subnasale (then {abs(lead_mm):.0f} mm behind the eye and mouth corners)", lead_mm < 0))
+    directions = [("the scan's front", None if scan_median is None else centre - scan_median),
+                  ("the cameras", np.mean(camera_centres, axis=0) - centre if camera_centres else None)]
+    for what, direction in directions:
+        length = 0.0 if direction is None else float(np.linalg.norm(direction))
+        if length > 0:
+            cosine = float(direction @ normal) / length
+            if abs(cosine) >= FACING_MIN_COSINE:
+                signs.append((what, cosine < 0))
+    if not signs or not all(mirrored for _, mirrored in signs):
+        return None
+    names = [what for what, _ in signs]
+    away = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+    return ("left and right look swapped: with iBUG 36, 39, 48 (rows 1, 2, 6) on the subject's right and 42, 45, 54 "
+            f"(rows 3, 4, 7) on the left, the face looks away from {away}; a mirror image cannot be aligned "
+            "(swap rows 1-4, 2-3 and 6-7, or check the scan is not mirrored)")
 
 
 def _which(mask: np.ndarray) -> str:
@@ -473,6 +628,8 @@ def _check_landmarks68(paths: CapturePaths, cameras: dict[str, Camera], sane: li
         problems.append(Problem(stray, "landmarks68", "not a landmarks68/cam<i>.txt file of a view", WARNING))
     for name, path in zip(CAMERA_NAMES, paths.landmarks68):
         if not path.is_file():
+            if os.path.lexists(path):  # optional, but a loop or a link to nothing is a mistake
+                problems.append(Problem(path, "landmarks68", absent_reason(path, f"{LANDMARKS68_DIR}/{path.name}")))
             continue
         try:
             points = read_landmarks68(path)

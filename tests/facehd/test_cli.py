@@ -27,3 +27,19 @@ def test_model_info_names_the_broken_file_without_a_traceback(tmp_path):
     assert result.exit_code == 1
     assert "broken.mat" in result.output and "'keypoints'" in result.output
     assert "Traceback" not in result.output
+
+
+def test_align_and_gt_maps_refuse_a_bad_root_in_one_line_with_status_1(tmp_path):
+    """The README promises exit status 1 and one line for bad input; click's own check exited 2."""
+    subject = tmp_path / "data" / "S001"
+    (subject / "neutral").mkdir(parents=True)
+    (subject / "neutral" / "scan.ply").write_text("ply\n")
+    cases = ((tmp_path / "nowhere", "no such folder"),
+             (subject, f"a subject folder, not a dataset root (no subjects.csv, and its folders are captures); "
+                       f"give its parent, {tmp_path / 'data'}"))
+    for command in ("align", "gt-maps"):
+        for root, words in cases:
+            result = CliRunner().invoke(main, [command, str(root), "--out", str(tmp_path / "out")])
+            assert result.exit_code == 1, result.output
+            assert result.output == f"Error: {root}: {words}\n"
+    assert not (tmp_path / "out").exists()
