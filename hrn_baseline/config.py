@@ -4,6 +4,7 @@ CPU size and the loss-weight presets (supplement, public code)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,6 +17,9 @@ from facehd.errors import FileFormatError, InputError
 
 LOSS_PRESETS = ("supplement", "public_code")
 LR_POLICIES = ("step", "constant")
+NORMS = ("instance", "batch", "none")
+RASTERIZERS = ("auto", "torch", "nvdiffrast")
+KEEP_LAST_CHECKPOINTS = 3  # step_*.pt files kept besides last.pt and best.pt (137 MB each at the paper's size)
 
 # --- optimisation (HRN `options/train_options.py`, `models/networks.py` get_scheduler) ---------
 LEARNING_RATE = 1e-4  # Adam, the regressor and the detail nets
@@ -45,7 +49,7 @@ class DataConfig:
     lab_derived: str | None = None  # its derived-products folder (<subject>/<expression>/gt_maps/cam<i>.npz)
     lab_split: str | None = "train"  # subject split of the lab captures (None: all)
     lab_views: list[int] | None = None  # camera indices to use (None: all nine)
-    num_workers: int = 0  # DataLoader worker processes per rank
+    num_workers: int = 0  # DataLoader worker processes per rank (each uses one thread)
     val: list[str] = field(default_factory=list)  # held-out in-the-wild folders evaluated during training
 
 
@@ -133,6 +137,9 @@ class TrainConfig:
     val_every: int | None = None  # evaluate data.val every N steps (None: at each checkpoint)
     seed: int = 0
     device: str = "auto"  # auto (the accelerator if any, else cpu) or a torch device string
+    threads: int | None = None  # CPU threads per process; None: the cores available / processes on this machine
+    keep_last: int | None = KEEP_LAST_CHECKPOINTS  # step checkpoints kept (None: all)
+    best_metric: str = "landmark_px"  # data.val metric whose lowest value is kept as checkpoints/best.pt
     deterministic: bool = False  # torch.use_deterministic_algorithms: bitwise resume (CPU only)
     out: str | None = None  # output folder; `hrn train --out` overrides it
 
@@ -152,30 +159,90 @@ class Config:
         def bad(problem: str):
             return FileFormatError(where, problem) if where else InputError(problem)
 
-        if self.loss.preset not in LOSS_PRESETS:
-            raise bad(f"loss.preset is {self.loss.preset!r}; use one of {', '.join(LOSS_PRESETS)}")
+        for key, value, allowed, ok in self._ranges():
+            if not ok(value):
+                raise bad(f"{key} is {value!r}; allowed: {allowed}")
         from hrn_baseline.losses import LossWeights
 
         unknown = sorted(set(self.loss.weights) - {f.name for f in dataclasses.fields(LossWeights)})
         if unknown:
             known = ", ".join(f.name for f in dataclasses.fields(LossWeights))
             raise bad(f"loss.weights has unknown term(s) {', '.join(unknown)}; known: {known}")
-        if self.optim.lr_policy not in LR_POLICIES:
-            raise bad(f"optim.lr_policy is {self.optim.lr_policy!r}; use one of {', '.join(LR_POLICIES)}")
         for name in ("betas", "disc_betas"):
             if len(getattr(self.optim, name)) != 2:
                 raise bad(f"optim.{name} must hold two numbers")
-        m = self.model
-        if m.image_size < 32 or m.mid_map_size % 4 or m.high_map_size % 4:
-            raise bad("model.image_size must be at least 32 and the map sizes multiples of 4")
-        t = self.train
-        if t.batch_size < 1 or t.log_every < 1 or t.checkpoint_every < 1 or (t.val_every or 1) < 1:
-            raise bad("train.batch_size, log_every, checkpoint_every and val_every must be positive")
         if not self.data.wild:
             raise bad("data.wild lists no in-the-wild image folder (L_self needs at least one)")
         if (self.data.lab_root is None) != (self.data.lab_derived is None):
             raise bad("data.lab_root and data.lab_derived go together (images and their GT maps)")
         return self
+
+    def _ranges(self) -> list[tuple[str, object, str, typing.Callable[[object], bool]]]:
+        """(key, value, allowed values in words, check) of every number and choice with a range."""
+        d, m, lo, o, t = self.data, self.model, self.loss, self.optim, self.train
+
+        def positive(v):
+            return math.isfinite(v) and v > 0
+
+        def non_negative(v):
+            return math.isfinite(v) and v >= 0
+
+        def at_least(n):
+            return lambda v: v >= n
+
+        def optional(check):
+            return lambda v: v is None or check(v)
+
+        def one_of(choices):
+            return lambda v: v in choices
+
+        def beta(v):
+            return math.isfinite(v) and 0 <= v < 1
+
+        from facehd.capture import N_VIEWS
+        from hrn_baseline.evaluate import METRICS
+        from hrn_baseline.networks import BACKBONES
+
+        rules = [
+            ("data.num_workers", d.num_workers, "an integer >= 0", at_least(0)),
+            *((f"data.lab_views[{i}]", v, f"a camera index 0..{N_VIEWS - 1}", lambda v: 0 <= v < N_VIEWS)
+              for i, v in enumerate(d.lab_views or ())),
+            ("model.synth_resolution", m.synth_resolution, "an integer >= 8", at_least(8)),
+            ("model.image_size", m.image_size, "an integer >= 32", at_least(32)),
+            ("model.backbone", m.backbone, " | ".join(BACKBONES), one_of(BACKBONES)),
+            *((f"model.{k}", getattr(m, k), "a positive multiple of 4", lambda v: v >= 4 and v % 4 == 0)
+              for k in ("mid_map_size", "high_map_size")),
+            *((f"model.{k}", getattr(m, k), "an integer >= 1", at_least(1))
+              for k in ("mid_ngf", "mid_blocks", "high_ngf", "high_blocks", "disc_ndf", "disc_layers")),
+            *((f"model.{k}", getattr(m, k), " | ".join(NORMS), one_of(NORMS)) for k in ("norm", "disc_norm")),
+            ("model.rasterizer", m.rasterizer, " | ".join(RASTERIZERS), one_of(RASTERIZERS)),
+            ("loss.preset", lo.preset, " | ".join(LOSS_PRESETS), one_of(LOSS_PRESETS)),
+            *((f"loss.weights.{k}", v, "a number >= 0", non_negative) for k, v in lo.weights.items()),
+            ("loss.coeff_reg", lo.coeff_reg, "a number >= 0", non_negative),
+            ("loss.gamma_reg", lo.gamma_reg, "a number >= 0", non_negative),
+            ("optim.lr", o.lr, "a number > 0", positive),
+            ("optim.disc_lr", o.disc_lr, "a number > 0", positive),
+            *((f"optim.{k}[{i}]", v, "a number in [0, 1)", beta)
+              for k in ("betas", "disc_betas") for i, v in enumerate(getattr(o, k))),
+            ("optim.weight_decay", o.weight_decay, "a number >= 0", non_negative),
+            ("optim.lr_policy", o.lr_policy, " | ".join(LR_POLICIES), one_of(LR_POLICIES)),
+            ("optim.lr_decay_epochs", o.lr_decay_epochs, "a number > 0", positive),
+            ("optim.lr_decay_steps", o.lr_decay_steps, "an integer >= 1, or null (use lr_decay_epochs)",
+             optional(at_least(1))),
+            ("optim.lr_gamma", o.lr_gamma, "a number in (0, 1]", lambda v: positive(v) and v <= 1),
+            ("train.epochs", t.epochs, "a number > 0", positive),
+            ("train.steps", t.steps, "an integer >= 1, or null (use train.epochs)", optional(at_least(1))),
+            *((f"train.{k}", getattr(t, k), "an integer >= 1", at_least(1))
+              for k in ("batch_size", "checkpoint_every", "log_every")),
+            ("train.val_every", t.val_every, "an integer >= 1, or null (at each checkpoint)", optional(at_least(1))),
+            ("train.seed", t.seed, "an integer >= 0", at_least(0)),
+            ("train.threads", t.threads, "an integer >= 1, or null (the cores available / processes)",
+             optional(at_least(1))),
+            ("train.keep_last", t.keep_last, "an integer >= 1, or null (keep every checkpoint)",
+             optional(at_least(1))),
+            ("train.best_metric", t.best_metric, " | ".join(METRICS), one_of(METRICS)),
+        ]
+        return rules
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -201,11 +268,22 @@ def load_config(path: str | Path) -> Config:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise FileFormatError(path, "no such config file") from None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+    except yaml.YAMLError as exc:
+        raise FileFormatError(path, _yaml_problem(exc)) from None
+    except (OSError, UnicodeDecodeError) as exc:
         raise FileFormatError(path, f"not a readable YAML file: {exc}") from None
     if data is not None and not isinstance(data, dict):
         raise FileFormatError(path, "a config must be a mapping with sections data, model, loss, optim, train")
     return Config.from_dict(data or {}, where=path, base_dir=path.parent)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's several-line message (with a source excerpt and caret) as one line, 1-based."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = " ".join(str(getattr(exc, "problem", None) or "").split()) or "unparsable text"
+    context = " ".join(str(getattr(exc, "context", None) or "").split())
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"invalid YAML{where}: {problem}" + (f" ({context})" if context else "")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -56,6 +56,8 @@ CHECKPOINT_FORMAT = "hrn-checkpoint"
 CHECKPOINT_VERSION = 1
 CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.pt"
+BEST_CHECKPOINT = "best.pt"  # the lowest validation value of train.best_metric
+STEP_CHECKPOINT = "step_{:07d}.pt"
 METRICS_CSV = "metrics.csv"
 METRICS_JSONL = "metrics.jsonl"
 LOSS_CURVE_PNG = "loss_curve.png"
@@ -80,6 +82,8 @@ class TrainResult:
     last_metrics: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)  # warnings also written to train.log
+    threads: int = 0  # CPU threads per process (torch intra-op)
+    best: dict | None = None  # {"metric": "val/...", "value": ..., "step": ...} of checkpoints/best.pt
 
 
 # ----------------------------------------------------------------------------------------------
@@ -93,6 +97,7 @@ class Processes:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    local_world: int = 1  # processes of the job on this machine
 
     @property
     def main(self) -> bool:
@@ -107,7 +112,30 @@ def _processes_from_env() -> Processes:
     """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; plain runs have none of them."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     return Processes(rank=int(os.environ.get("RANK", "0")), world=world,
-                     local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+                     local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+                     local_world=int(os.environ.get("LOCAL_WORLD_SIZE", str(world))))
+
+
+def cpu_threads(requested: int | None, local_world: int = 1) -> tuple[int, str]:
+    """(threads per process, why). ``requested`` (train.threads) wins; else OMP_NUM_THREADS when set
+    (torchrun sets it to 1 for several processes); else the cores this process may use divided among
+    the job's processes on this machine. torch's own default takes every core for each process,
+    which on shared or oversubscribed cores made a step 5-10x slower than one thread."""
+    if requested is not None:
+        return int(requested), "train.threads"
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads(), f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, local_world)), f"{cores} core(s) / {local_world} process(es) on this machine"
+
+
+def _one_thread_worker(_worker_id: int) -> None:
+    """DataLoader workers decode and warp images in parallel processes: one thread each (torch and
+    the BLAS / OpenMP pools numpy uses), so N workers do not each spin up a pool of all the cores."""
+    torch.set_num_threads(1)
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=1)
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -166,7 +194,8 @@ class BatchStream:
         # a DataLoader draws its workers' base seed from the global RNG unless given a generator;
         # that draw would make a resumed run's dropout differ from the uninterrupted run's
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        loader = DataLoader(self.dataset, batch_sampler=batches, num_workers=self.num_workers, generator=generator)
+        loader = DataLoader(self.dataset, batch_sampler=batches, num_workers=self.num_workers, generator=generator,
+                            worker_init_fn=_one_thread_worker if self.num_workers else None)
         self._iterator = iter(loader)
 
     def next(self) -> dict:
@@ -291,6 +320,8 @@ class Trainer:
                 _broadcast_module(self.discriminators)
         self._make_optimizers()
         self.step = 0
+        self.best: dict | None = None  # {"metric", "value", "step"} of checkpoints/best.pt
+        self._best_unmeasured_noted = False
         self.metrics_log = MetricsLog(out, fresh=not resume) if procs.main else None
 
     # --- construction -------------------------------------------------------------------------
@@ -427,6 +458,7 @@ class Trainer:
             "schedulers": [s.state_dict() for s in self.schedulers],
             "streams": {"wild": self.wild.state_dict(), "lab": None if self.lab is None else self.lab.state_dict()},
             "rng": _gather_rng_states(self.procs),
+            "best": self.best,
         }
 
     def load_state_dict(self, state: dict, where: Path) -> None:
@@ -449,6 +481,7 @@ class Trainer:
         if self.lab is not None:
             self.lab.load_state_dict(state["streams"]["lab"])
         self.step = int(state["step"])
+        self.best = state.get("best")  # absent in checkpoints written before best.pt existed
         rng = state["rng"]
         if len(rng) == self.procs.world:
             _set_rng_state(rng[self.procs.rank])
@@ -457,18 +490,61 @@ class Trainer:
                        "random streams restart from the seed (the run is no longer bitwise reproducible)")
             _seed_everything(self.config.train.seed + 1000 * self.step + self.procs.rank)
 
-    def save_checkpoint(self) -> Path | None:
+    def save_checkpoint(self, *, best: bool = False) -> Path | None:
+        """Write checkpoints/step_<step>.pt and point last.pt (and, when ``best``, best.pt) at it;
+        then delete all but the newest ``train.keep_last`` step checkpoints."""
         state = self.state_dict()  # every rank takes part in gathering the RNG states
         if not self.procs.main:
             return None
         folder = self.out / CHECKPOINT_DIR
-        path = folder / f"step_{self.step:07d}.pt"
+        path = folder / STEP_CHECKPOINT.format(self.step)
         with atomic_path(path) as tmp:
             torch.save(state, tmp)
         with atomic_path(folder / LAST_CHECKPOINT) as tmp:
             _link_or_copy(path, tmp)
         LOGGER.info("step %d: checkpoint %s", self.step, path)
+        if best:
+            with atomic_path(folder / BEST_CHECKPOINT) as tmp:
+                _link_or_copy(path, tmp)
+            self._log_best()
+        self._prune_checkpoints(folder)
         return path
+
+    def save_best(self) -> None:
+        """Write checkpoints/best.pt from the current state (a new best between checkpoints)."""
+        state = self.state_dict()
+        if self.procs.main:
+            with atomic_path(self.out / CHECKPOINT_DIR / BEST_CHECKPOINT) as tmp:
+                torch.save(state, tmp)
+            self._log_best()
+
+    def _log_best(self) -> None:
+        LOGGER.info("step %d: best %s so far (%.4g): %s", self.step, self.best["metric"], self.best["value"],
+                    self.out / CHECKPOINT_DIR / BEST_CHECKPOINT)
+
+    def _prune_checkpoints(self, folder: Path) -> None:
+        keep = self.config.train.keep_last
+        if keep is None:
+            return
+        steps = sorted(folder.glob(STEP_CHECKPOINT.replace("{:07d}", "[0-9]" * 7)))
+        for old in steps[:-keep]:  # last.pt and best.pt are links of their own: their bytes stay
+            old.unlink(missing_ok=True)
+
+    def _update_best(self, val: dict[str, float]) -> bool:
+        """Whether ``val`` holds a new lowest value of train.best_metric (and record it)."""
+        if not val:
+            return False
+        key = VAL_PREFIX + self.config.train.best_metric
+        if key not in val:
+            if not self._best_unmeasured_noted:
+                self._best_unmeasured_noted = True
+                self._note(f"train.best_metric {self.config.train.best_metric} is not measured on data.val "
+                           f"(it measures {', '.join(k[len(VAL_PREFIX):] for k in val)}): no best.pt is kept")
+            return False
+        if self.best is not None and not val[key] < self.best["value"]:
+            return False
+        self.best = {"metric": key, "value": float(val[key]), "step": self.step}
+        return True
 
     # --- the loop -----------------------------------------------------------------------------
 
@@ -486,16 +562,21 @@ class Trainer:
             window.append(self.train_step())
             done = self.step == self.total_steps
             validating = bool(self.config.data.val) and (self.step % self.val_every == 0 or done)
+            new_best = False
             if self.step % cfg.log_every == 0 or done or validating:
                 val = self.validate() if validating else {}
+                new_best = self._update_best(val)
                 last_metrics = self._log(window, time.perf_counter() - step_started, val)
                 window, step_started = [], time.perf_counter()
             if self.step % cfg.checkpoint_every == 0 or done:
-                last_checkpoint = self.save_checkpoint() or last_checkpoint
+                last_checkpoint = self.save_checkpoint(best=new_best) or last_checkpoint
+            elif new_best:
+                self.save_best()
         if start_step == self.total_steps:
             LOGGER.info("nothing to do: the run is at step %d of %d", self.step, self.total_steps)
         return TrainResult(out=self.out, start_step=start_step, steps=self.step, last_checkpoint=last_checkpoint,
-                           last_metrics=last_metrics, seconds=time.perf_counter() - started, notes=list(self.notes))
+                           last_metrics=last_metrics, seconds=time.perf_counter() - started, notes=list(self.notes),
+                           threads=torch.get_num_threads(), best=self.best)
 
     def validate(self) -> dict[str, float]:
         """Evaluate the model on ``data.val`` (each process a share of the images): the mean of each
@@ -743,6 +824,12 @@ def train(config: Config, out: str | Path | None = None, *, resume: bool = False
     deterministic_before = torch.are_deterministic_algorithms_enabled()
     if config.train.deterministic:
         torch.use_deterministic_algorithms(True)
+    threads_before = torch.get_num_threads()
+    threads, why = cpu_threads(config.train.threads, procs.local_world)
+    torch.set_num_threads(threads)
+    LOGGER.info("CPU threads: %d per process (%s)%s", threads, why,
+                f"; {config.data.num_workers} data loader worker(s) per process, one thread each"
+                if config.data.num_workers else "")
     try:
         with _process_group(procs, device):
             _seed_everything(config.train.seed)
@@ -761,6 +848,7 @@ def train(config: Config, out: str | Path | None = None, *, resume: bool = False
             return trainer.run()
     finally:
         torch.use_deterministic_algorithms(deterministic_before)
+        torch.set_num_threads(threads_before)
         if handler is not None:
             LOGGER.removeHandler(handler)
             handler.close()

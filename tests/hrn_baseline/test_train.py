@@ -27,7 +27,16 @@ from hrn_baseline.evaluate import METRICS, evaluate
 from hrn_baseline.losses import LossWeights
 from hrn_baseline.model import load_hrn_morphable
 from hrn_baseline.predict import load_model
-from hrn_baseline.train import BatchStream, Processes, Trainer, load_checkpoint, resolve_device, train
+from hrn_baseline.train import (
+    BatchStream,
+    Processes,
+    Trainer,
+    TrainResult,
+    cpu_threads,
+    load_checkpoint,
+    resolve_device,
+    train,
+)
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -66,13 +75,36 @@ def test_loss_presets_and_overrides():
     ("data: {wild: []}", "data.wild lists no"),
     ("data: {wild: [w], lab_root: lab}", "lab_derived go together"),
     ("- just a list", "must be a mapping"),
+    ("optim: {lr: -1.0e-3}", "optim.lr is -0.001; allowed: a number > 0"),
+    ("optim: {lr: 0}", "optim.lr is 0.0; allowed: a number > 0"),
+    ("optim: {lr: .nan}", "optim.lr is nan; allowed: a number > 0"),
+    ("optim: {betas: [0.9, 1.5]}", "optim.betas[1] is 1.5; allowed: a number in [0, 1)"),
+    ("train: {steps: -5}", "train.steps is -5; allowed: an integer >= 1"),
+    ("train: {epochs: 0}", "train.epochs is 0.0; allowed: a number > 0"),
+    ("train: {threads: 0}", "train.threads is 0; allowed: an integer >= 1"),
+    ("train: {keep_last: 0}", "train.keep_last is 0; allowed: an integer >= 1"),
+    ("train: {best_metric: loss}", "train.best_metric is 'loss'; allowed: landmark_px | posed_mm"),
+    ("data: {wild: [w], num_workers: -1}", "data.num_workers is -1; allowed: an integer >= 0"),
+    ("data: {wild: [w], lab_views: [0, 9]}", "data.lab_views[1] is 9; allowed: a camera index 0..8"),
+    ("model: {norm: layer}", "model.norm is 'layer'; allowed: instance | batch | none"),
+    ("train: {steps: [1, 2\nlog_every: 3", "invalid YAML at line 2, column 10: expected ',' or ']'"),
 ])
 def test_config_errors_name_the_file_and_the_key(tmp_path, text, problem):
     path = tmp_path / "bad.yaml"
     path.write_text(text + ("\ndata: {wild: [w]}" if "data" not in text and "list" not in text else ""))
     with pytest.raises(FileFormatError) as info:
         load_config(path)
-    assert str(path) in str(info.value) and problem in str(info.value)
+    assert str(info.value).startswith(f"{path}: ") and problem in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_cli_train_refuses_a_bad_config_in_one_line(tmp_path, tiny_wild):
+    path = tmp_path / "config.yaml"
+    path.write_text(tiny_config(tmp_path / "run", tiny_wild).to_yaml().replace("lr: 0.0001", "lr: -0.0001"))
+    result = CliRunner().invoke(main, ["train", "--config", str(path)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.strip().splitlines() == [f"Error: {path}: optim.lr is -0.0001; allowed: a number > 0"]
+    assert not (tmp_path / "run").exists()
 
 
 def test_config_round_trips_through_yaml(tmp_path):
@@ -192,6 +224,82 @@ def test_a_run_writes_logs_and_checkpoints_and_refuses_to_overwrite(tmp_path, ti
     changed.model = dataclasses.replace(changed.model, mid_ngf=8)
     with pytest.raises(FileFormatError, match="mid_ngf"):
         train(changed, resume=True)
+
+
+def test_only_the_last_checkpoints_and_the_best_are_kept_and_resume_still_works(tmp_path, tiny_wild):
+    out = tmp_path / "run"
+    settings = dict(val=tiny_wild, val_every=1, checkpoint_every=2, keep_last=1)
+    first = train(tiny_config(out, tiny_wild, steps=3, **settings))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.pt", "last.pt", "step_0000003.pt"]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # the lowest held-out landmark error after training starts (step 0 is the initialisation)
+    val = {r["step"]: r["val/landmark_px"] for r in rows if r["step"] > 0}
+    best_step = min(val, key=val.get)
+    assert first.best == {"metric": "val/landmark_px", "value": val[best_step], "step": best_step}
+    best = load_checkpoint(out / "checkpoints" / "best.pt")
+    assert best["step"] == best_step and best["best"] == first.best
+    assert "best val/landmark_px so far" in (out / "train.log").read_text()
+    resumed = train(tiny_config(out, tiny_wild, steps=4, **settings), resume=True)
+    assert resumed.start_step == 3 and load_checkpoint(resumed.last_checkpoint)["step"] == 4
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.pt", "last.pt", "step_0000004.pt"]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    val = {r["step"]: r["val/landmark_px"] for r in rows if r["step"] > 0}
+    best_step = min(val, key=val.get)
+    assert resumed.best["step"] == best_step and load_checkpoint(out / "checkpoints" / "best.pt")["step"] == best_step
+
+
+def test_every_step_checkpoint_is_kept_with_keep_last_null(tmp_path, tiny_wild):
+    out = tmp_path / "run"
+    train(tiny_config(out, tiny_wild, steps=2, checkpoint_every=1, keep_last=None))
+    assert len(list((out / "checkpoints").glob("step_*.pt"))) == 2 and not (out / "checkpoints" / "best.pt").exists()
+
+
+def test_the_trainer_uses_the_configured_threads_and_says_so(tmp_path, tiny_wild, monkeypatch):
+    before = torch.get_num_threads()
+    seen = []
+
+    def run(self):  # what the training loop would run with (training itself is not needed here)
+        seen.append(torch.get_num_threads())
+        return TrainResult(self.out, 0, 0, None, threads=torch.get_num_threads())
+
+    target = 2 if before != 2 else 3
+    monkeypatch.setattr(Trainer, "run", run)
+    train(tiny_config(tmp_path / "run", tiny_wild, threads=target))
+    assert seen == [target]
+    assert f"CPU threads: {target} per process (train.threads)" in (tmp_path / "run" / "train.log").read_text()
+    assert torch.get_num_threads() == before  # restored for the caller
+
+
+def test_default_threads_share_the_cores_among_the_processes(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    assert cpu_threads(None, local_world=1) == (8, "8 core(s) / 1 process(es) on this machine")
+    assert cpu_threads(None, local_world=4)[0] == 2 and cpu_threads(None, local_world=16)[0] == 1
+    assert cpu_threads(3, local_world=4) == (3, "train.threads")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # torchrun's setting for several processes
+    assert cpu_threads(None, local_world=4) == (torch.get_num_threads(), "OMP_NUM_THREADS=1")
+
+
+class _ThreadReport(torch.utils.data.Dataset):
+    """Each item: the torch and BLAS thread counts of the process that loads it."""
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        from threadpoolctl import threadpool_info
+
+        blas = [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+        return {"torch": torch.get_num_threads(), "blas": max(blas, default=1)}
+
+
+def test_data_loader_workers_use_one_thread_each():
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=2):  # what the workers would inherit from a 2-thread trainer
+        stream = BatchStream(_ThreadReport(), 2, seed=0, procs=Processes(), num_workers=1)
+        batch = stream.next()
+    assert batch["torch"].tolist() == [1, 1] and batch["blas"].tolist() == [1, 1]
 
 
 def test_a_missing_validation_folder_stops_the_run_before_training(tmp_path, tiny_wild):
