@@ -236,3 +236,18 @@ def test_export_checkpoint_command(tmp_path, hrn_file, public_hrn, config):
     bad = CliRunner().invoke(main, ["export-checkpoint", "--checkpoint", str(tmp_path / "none.pth"), "--out",
                                     str(out)])
     assert bad.exit_code != 0 and "no such checkpoint" in bad.output and "Traceback" not in bad.output
+
+
+def test_train_starts_from_init_from(tmp_path, tiny_wild, tiny_checkpoint):
+    """`model.init_from` gives the run's first weights (lr 0: they are still there after a step)."""
+    from hrn_factory import tiny_config
+
+    from hrn_baseline.train import train
+
+    config = tiny_config(tmp_path / "run", tiny_wild, steps=1)
+    config.model.init_from = str(tiny_checkpoint)
+    config.optim.lr = 0.0
+    written = torch.load(train(config).last_checkpoint, weights_only=True)["model"]
+    start = torch.load(tiny_checkpoint, weights_only=True)["model"]
+    for key in ("regressor.final_layers.0.weight", "mid_net.generator.model.1.weight", "high_net.beta"):
+        assert torch.equal(written[key], start[key]), key
