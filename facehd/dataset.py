@@ -26,6 +26,7 @@ from facehd.capture import (
 )
 from facehd.conventions import DEFORMATION_MAP_SIZE, DISPLACEMENT_MAP_SIZE, N_LANDMARKS
 from facehd.errors import FileFormatError, InputError
+from facehd.validate import absent_reason, check_dataset_root
 
 SPLITS = ("train", "val", "test")
 DEFAULT_SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
@@ -105,6 +106,7 @@ class FaceHD100(Dataset):
         self.image_size = _check_image_size(image_size)
         self.derived = None if derived is None else Path(derived)
         self.load_scan = load_scan
+        check_dataset_root(self.root)
         self.subjects = _subject_rows(self.root)
         refs = find_captures(self.root)
         unknown = sorted({r.subject for r in refs} - set(self.subjects))
@@ -158,7 +160,7 @@ class FaceHD100(Dataset):
 
         path = capture.paths.images[view]
         if not path.is_file():
-            raise FileFormatError(path, f"missing image of view {CAMERA_NAMES[view]}")
+            raise FileFormatError(path, f"view {CAMERA_NAMES[view]}: {absent_reason(path, 'image')}")
         try:
             with Image.open(path) as img:
                 img = img.convert("RGB")
@@ -199,7 +201,10 @@ def _check_image_size(size: int | tuple[int, int] | None) -> tuple[int, int] | N
 
 def _subject_rows(root: Path) -> dict[str, dict]:
     """subject id -> {gender, age, ethnicity} from subjects.csv."""
-    table = read_subjects(root / SUBJECTS_CSV)
+    path = root / SUBJECTS_CSV
+    if not path.is_file():
+        raise FileFormatError(path, f"{absent_reason(path, SUBJECTS_CSV)}: the loader needs the subjects table")
+    table = read_subjects(path)
     return {
         row.subject_id: {"gender": row.gender, "age": int(row.age), "ethnicity": row.ethnicity}
         for row in table.itertuples(index=False)

@@ -10,8 +10,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from facehd.capture import ETHNICITIES, GENDERS, SUBJECTS_CSV, CaptureRef, find_captures, read_subjects
+from facehd.capture import ETHNICITIES, GENDERS, SCAN_PLY, SUBJECTS_CSV, CaptureRef, find_captures, read_subjects
+from facehd.errors import FileFormatError
 from facehd.fsutil import atomic_open, atomic_path
+from facehd.validate import absent_reason, check_dataset_root
 
 AGE_BIN_YEARS = 3
 # The supplement describes the ages as mostly 17-35, roughly normal: reported beside the bins.
@@ -64,10 +66,17 @@ def dataset_stats(root: str | Path, *, load_scans: bool = True, progress: Progre
 
     ``progress``, if given, wraps the capture iterable of the scan pass (``progress(refs,
     total=n, desc=...)``, e.g. ``tqdm``). A scan that cannot be read gets a row with its error.
+    Raises `InputError` when ``root`` is not a dataset root and `FileFormatError` when its
+    subjects.csv is missing or invalid.
     """
     root = Path(root)
+    check_dataset_root(root)
+    csv_path = root / SUBJECTS_CSV
+    if not csv_path.is_file():
+        raise FileFormatError(csv_path, f"{absent_reason(csv_path, SUBJECTS_CSV)}: the statistics need the "
+                                        "subjects table (`facehd validate` checks the whole dataset)")
     refs = find_captures(root)
-    table = read_subjects(root / SUBJECTS_CSV)
+    table = read_subjects(csv_path)
     subjects = subjects_summary(table, refs)
     scans = None
     if load_scans:
@@ -148,10 +157,10 @@ def scan_row(ref: CaptureRef) -> dict:
     from facehd.io import load_mesh
 
     row = {"subject": ref.subject, "expression": ref.expression, "error": ""}
+    if not ref.paths.scan.is_file():
+        return {**row, "error": absent_reason(ref.paths.scan, SCAN_PLY)}
     try:
         mesh = load_mesh(ref.paths.scan)
-    except FileNotFoundError:
-        return {**row, "error": "missing scan.ply"}
     except Exception as exc:  # statistics go on past a broken scan; `facehd validate` explains it
         return {**row, "error": f"{type(exc).__name__}: {exc}"}
     extent = np.ptp(mesh.vertices, axis=0)

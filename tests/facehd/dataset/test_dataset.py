@@ -137,3 +137,16 @@ def test_loader_names_the_file_it_cannot_use(dataset):
     (ref.directory / LANDMARKS7_TXT).write_text("1 2 3\n")
     with pytest.raises(FileFormatError, match="landmarks7.txt: 1 landmarks, expected 7"):
         ds[0]
+
+
+def test_loader_says_what_is_wrong_with_the_root_and_names_a_symlink_loop(dataset):
+    with pytest.raises(InputError, match=f"S001: a subject folder, not a dataset root.*give its parent, {dataset}$"):
+        FaceHD100(dataset / "S001")
+    image = CaptureRef(dataset, "S001", "neutral").paths.images[0]
+    image.unlink()
+    image.symlink_to(image.name)
+    with pytest.raises(FileFormatError, match=r"cam0.jpg: view cam0: image is a symlink loop"):
+        FaceHD100(dataset, views=[0])[0]
+    (dataset / "subjects.csv").unlink()
+    with pytest.raises(FileFormatError, match="subjects.csv: missing subjects.csv: the loader needs the subjects table"):
+        FaceHD100(dataset)

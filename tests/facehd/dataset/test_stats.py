@@ -73,10 +73,10 @@ def test_stats_tables_and_files(tmp_path):
 def test_cli_stats_prints_a_summary_and_skips_scans_when_asked(dataset, tmp_path):
     result = CliRunner().invoke(stats_command, [str(dataset), "--out", str(tmp_path / "out"), "--no-scans"])
     assert result.exit_code == 0, result.output
-    assert "ethnicity  asian      2     50.0" in result.output and "wrote" in result.output
+    assert "ethnicity  asian      2     50.0" in result.stdout and "wrote" in result.stdout
     assert not (tmp_path / "out" / "scans.csv").exists() and (tmp_path / "out" / "stats.md").exists()
     result = CliRunner().invoke(stats_command, [str(dataset), "--out", str(tmp_path / "out")])
-    assert result.exit_code == 0 and "mean_edge_mm" in result.output
+    assert result.exit_code == 0 and "mean_edge_mm" in result.stdout
     assert len(pd.read_csv(tmp_path / "out" / "scans.csv")) == 8
 
 
@@ -85,3 +85,31 @@ def test_cli_stats_names_a_broken_subjects_csv(dataset, tmp_path):
     result = CliRunner().invoke(stats_command, [str(dataset), "--out", str(tmp_path / "out")])
     assert result.exit_code == 1 and "subjects.csv: missing column(s) ethnicity" in result.output
     assert "Traceback" not in result.output
+
+
+def test_cli_stats_on_an_empty_subject_or_missing_folder_is_one_line_with_status_1(dataset, tmp_path):
+    (tmp_path / "empty").mkdir()
+    cases = (
+        (tmp_path / "empty", "no dataset here (no subjects.csv and no <subject>/<expression>/ folders)"),
+        (dataset / "S001", f"a subject folder, not a dataset root (no subjects.csv, and its folders are captures); "
+                           f"give its parent, {dataset}"),
+        (tmp_path / "nowhere", "no such folder"),
+    )
+    for root, words in cases:
+        result = CliRunner().invoke(stats_command, [str(root), "--out", str(tmp_path / "out")])
+        assert result.exit_code == 1, result.output
+        assert result.output == f"Error: {root}: {words}\n"
+    (dataset / "subjects.csv").unlink()  # a dataset's folders without its table
+    result = CliRunner().invoke(stats_command, [str(dataset), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1 and result.output.startswith(f"Error: {dataset / 'subjects.csv'}: missing subjects.csv")
+    assert len(result.output.splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_a_scan_that_is_a_symlink_loop_is_named_in_the_scan_table(dataset):
+    scan = CaptureRef(dataset, "S004", "neutral").paths.scan
+    scan.unlink()
+    scan.symlink_to(scan.name)
+    scans = dataset_stats(dataset).scans
+    row = scans[(scans["subject"] == "S004") & (scans["expression"] == "neutral")]
+    assert row["error"].tolist() == ["scan.ply is a symlink loop"] and row["n_vertices"].isna().all()
+    assert (scans["error"] == "").sum() == 7
