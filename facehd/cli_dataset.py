@@ -35,10 +35,10 @@ def validate(ctx: click.Context, root: Path, report: Path | None, strict: bool):
     """Check every capture of a FaceHD-100-style dataset at ROOT.
 
     Checks images (present, decodable, sized as calibrated), cameras (orthonormal R, sane K),
-    the scan (readable, finite, non-degenerate, in millimetres), the 7 scan landmarks (inside
-    the scan, projecting into every view), the optional 68-point files, and subjects.csv against
-    the folders. Prints a summary and one line per problem naming the file; exits 0 only when
-    everything passed.
+    the scan (readable, finite, non-degenerate, in millimetres), the 7 scan landmarks (in
+    millimetres, inside the scan, not a mirror image, projecting into every view), the optional
+    68-point files, and subjects.csv against the folders. Prints a summary and one line per
+    problem naming the file; exits 0 only when everything passed.
     """
     from facehd.validate import validate_dataset
 
