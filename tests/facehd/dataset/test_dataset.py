@@ -148,5 +148,5 @@ def test_loader_says_what_is_wrong_with_the_root_and_names_a_symlink_loop(datase
     with pytest.raises(FileFormatError, match=r"cam0.jpg: view cam0: image is a symlink loop"):
         FaceHD100(dataset, views=[0])[0]
     (dataset / "subjects.csv").unlink()
-    with pytest.raises(FileFormatError, match="subjects.csv: missing subjects.csv: the loader needs the subjects table"):
+    with pytest.raises(FileFormatError, match="subjects.csv: missing subjects.csv: the loader needs the subjects"):
         FaceHD100(dataset)

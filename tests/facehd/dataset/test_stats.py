@@ -101,7 +101,8 @@ def test_cli_stats_on_an_empty_subject_or_missing_folder_is_one_line_with_status
         assert result.output == f"Error: {root}: {words}\n"
     (dataset / "subjects.csv").unlink()  # a dataset's folders without its table
     result = CliRunner().invoke(stats_command, [str(dataset), "--out", str(tmp_path / "out")])
-    assert result.exit_code == 1 and result.output.startswith(f"Error: {dataset / 'subjects.csv'}: missing subjects.csv")
+    assert result.exit_code == 1
+    assert result.output.startswith(f"Error: {dataset / 'subjects.csv'}: missing subjects.csv")
     assert len(result.output.splitlines()) == 1 and not (tmp_path / "out").exists()
 
 

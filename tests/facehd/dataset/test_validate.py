@@ -314,7 +314,8 @@ def test_a_subject_or_capture_folder_is_not_a_dataset_root(dataset, tmp_path):
         validate_dataset(dataset / "S001" / "neutral")
     with pytest.raises(InputError, match="empty: no dataset here"):
         validate_dataset((tmp_path / "empty").mkdir() or tmp_path / "empty")
-    for root, words in ((dataset / "S001", "a subject folder, not a dataset root"), (tmp_path / "nowhere", "no such folder")):
+    cases = ((dataset / "S001", "a subject folder, not a dataset root"), (tmp_path / "nowhere", "no such folder"))
+    for root, words in cases:
         result = CliRunner().invoke(validate, [str(root)])  # the README: bad input exits 1 with one line
         assert result.exit_code == 1, result.output
         assert len(result.output.strip().splitlines()) == 1 and result.output.startswith(f"Error: {root}: {words}")
@@ -324,10 +325,12 @@ def test_strict_verdict_agrees_with_the_exit_status(dataset):
     stray = CaptureRef(dataset, "S003", "smile").directory / "landmarks68" / "notes.txt"
     stray.write_text("clicked by A.\n")  # a warning: not a landmarks68/cam<i>.txt file
     result = CliRunner().invoke(validate, [str(dataset)])
-    assert result.exit_code == 0 and result.stdout.startswith("PASSED: ") and "8 passed; 0 errors, 1 warnings" in result.stdout
+    assert result.exit_code == 0 and result.stdout.startswith("PASSED: ")
+    assert "8 passed; 0 errors, 1 warnings" in result.stdout
     result = CliRunner().invoke(validate, [str(dataset), "--strict"])
     assert result.exit_code == 1, result.output
-    assert result.stdout.startswith("FAILED (strict: warnings fail): ") and "7 passed; 0 errors, 1 warnings" in result.stdout
+    assert result.stdout.startswith("FAILED (strict: warnings fail): ")
+    assert "7 passed; 0 errors, 1 warnings" in result.stdout
     assert "WARNING S003/smile/landmarks68/notes.txt [landmarks68]" in result.stdout
 
 

@@ -41,7 +41,7 @@ CASES = {
     "index_high.obj": (TRIANGLE + "f 1 2 4\n", ["out of range", "face 1", "4", "defines 3 vertices"]),
     "index_zero.obj": (TRIANGLE + "f 0 1 2\n", ["out of range"]),
     "negative_too_far.obj": (TRIANGLE + "f -1 -2 -4\n", ["out of range"]),
-    "uv_index_high.obj": (TRIANGLE + "vt 0 0\nf 1/1 2/1 3/2\n", ["texture coordinate", "range", "1 texture coordinates"]),
+    "uv_index_high.obj": (TRIANGLE + "vt 0 0\nf 1/1 2/1 3/2\n", ["range", "1 texture coordinates"]),
     "normal_index_high.obj": (TRIANGLE + "vn 0 0 1\nf 1//1 2//1 3//2\n", ["normal index out of range", "1 normals"]),
     "two_corner_face.obj": (TRIANGLE + "f 1 2\n", ["fewer than 3", "face 1"]),
     "text_in_face.obj": (TRIANGLE + "f 1 2 three\n", ["non-numeric", "three"]),
