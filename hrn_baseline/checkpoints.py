@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import pickle
 import re
+import zipfile
 from pathlib import Path
 
 import torch
@@ -52,13 +54,25 @@ def read_checkpoint(path: str | Path) -> tuple[str, dict]:
     if not path.is_file():
         raise FileFormatError(path, "no such checkpoint (a `hrn train` checkpoint, Deep3DFaceRecon's epoch_20.pth "
                                     "or HRN's epoch_10.pth)")
-    try:
-        # MultiStepLR keeps its milestones in a Counter; the public runs' scheduler states may hold one
-        with torch.serialization.safe_globals([collections.Counter]):
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several unrelated types for corrupt or foreign files
-        raise FileFormatError(path, f"not a readable PyTorch checkpoint ({exc})") from None
+    # MultiStepLR keeps its milestones in a Counter; the public runs' scheduler states may hold one
+    with torch.serialization.safe_globals([collections.Counter]):
+        state = torch_load(path)
     return checkpoint_kind(state, path), state
+
+
+def torch_load(path: Path):
+    """`torch.load` on the CPU with ``weights_only``; a file it cannot read is a one-line
+    `FileFormatError` naming it (PyTorch's own messages run to a dozen lines)."""
+    if not zipfile.is_zipfile(path):
+        raise FileFormatError(path, "not a PyTorch checkpoint (not the zip archive that torch.save writes)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise FileFormatError(path, "not a checkpoint of tensors: it holds Python objects that are not loaded "
+                                    "(unpickling them could run code)") from None
+    except Exception as exc:  # torch raises several unrelated types for corrupt or foreign files
+        first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise FileFormatError(path, f"not a readable PyTorch checkpoint ({' '.join(first.split())})") from None
 
 
 def checkpoint_kind(state, path: str | Path | None = None) -> str:

@@ -29,6 +29,7 @@ from facehd.errors import FileFormatError, InputError
 from facehd.fsutil import atomic_open, atomic_path
 from facehd.morphable import rigid_transform, split_coeffs, to_camera
 from facehd.wild import WildImages, template5_from_model
+from hrn_baseline.checkpoints import torch_load
 from hrn_baseline.config import COEFF_REG_EXP, COEFF_REG_ID, COEFF_REG_TEX, Config
 from hrn_baseline.data import LabViews, wild_dataset
 from hrn_baseline.evaluate import METRICS, PREVIEW_IMAGES, evaluate, format_means, save_preview
@@ -836,7 +837,7 @@ def train(config: Config, out: str | Path | None = None, *, resume: bool = False
             trainer = Trainer(config, out, procs, progress, resume=resume)
             if resume:
                 # on the CPU: the random states must stay there; load_state_dict moves the rest
-                state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+                state = load_checkpoint(checkpoint)
                 trainer.load_state_dict(state, checkpoint)
                 if trainer.metrics_log is not None:
                     trainer.metrics_log.truncate_after(trainer.step)
@@ -854,16 +855,13 @@ def train(config: Config, out: str | Path | None = None, *, resume: bool = False
             handler.close()
 
 
-def load_checkpoint(path: str | Path, *, map_location="cpu") -> dict:
-    """A checkpoint written by `train`, checked to be one; errors name the file."""
+def load_checkpoint(path: str | Path) -> dict:
+    """A checkpoint written by `train` (on the CPU), checked to be one; errors name the file."""
     path = Path(path)
     if not path.is_file():
         raise FileFormatError(path, "no such checkpoint (train one with `hrn train --config FILE --out DIR`; "
                                     "checkpoints are DIR/checkpoints/*.pt)")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # torch raises several unrelated types for corrupt or foreign files
-        raise FileFormatError(path, f"not a readable HRN checkpoint ({exc})") from None
+    state = torch_load(path)
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise FileFormatError(path, "not an HRN checkpoint written by `hrn train`")
     return state

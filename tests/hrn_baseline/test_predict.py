@@ -155,6 +155,26 @@ def test_errors_name_what_to_do(tmp_path):
         load_model(tmp_path / "foreign.pt")
 
 
+class _Opaque:
+    """A Python object that weights-only loading refuses to unpickle."""
+
+
+def test_a_file_that_is_not_a_checkpoint_is_one_line_naming_it(tmp_path, tiny_wild):
+    config = tmp_path / "config.yaml"
+    config.write_text("model:\n  image_size: 64\n")
+    objects = tmp_path / "objects.pt"
+    torch.save({"thing": _Opaque()}, objects)
+    for path, problem in ((config, "not a PyTorch checkpoint"), (objects, "holds Python objects")):
+        with pytest.raises(FileFormatError) as info:
+            load_model(path)
+        assert str(info.value).startswith(f"{path}: ") and problem in str(info.value)
+        assert "\n" not in str(info.value) and "weights_only" not in str(info.value)
+    result = CliRunner().invoke(main, ["predict", "--checkpoint", str(config), "--images", str(tiny_wild / "images"),
+                                       "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1 and result.output.strip().splitlines() == [
+        f"Error: {config}: not a PyTorch checkpoint (not the zip archive that torch.save writes)"]
+
+
 def test_cli_predict(tmp_path, tiny_wild, tiny_checkpoint):
     runner = CliRunner()
     result = runner.invoke(main, ["predict", "--checkpoint", str(tiny_checkpoint), "--images",
