@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from benchmarks.clitools import StageProgress, parse_preds
-from benchmarks.micc import DIRECTIONS, METRICS, UNITS, MiccOptions, run_micc
+from benchmarks.micc import DIRECTIONS, METRICS, PROTOCOLS, UNITS, MiccOptions, run_micc
 from benchmarks.tables import FORMATS, format_table
 from facehd.errors import FaceHDError
 from facehd.fsutil import atomic_open
@@ -32,6 +32,9 @@ TITLE = "MICC Florence (HRN supplement Table 1): mean / std of the distance in m
               help="Write one CSV row per (method, subject, setting).")
 @click.option("--direction", type=click.Choice(DIRECTIONS), default="symmetric", show_default=True)
 @click.option("--metric", type=click.Choice(METRICS), default="point_to_surface", show_default=True)
+@click.option("--protocol", type=click.Choice(PROTOCOLS), default="released", show_default=True,
+              help="released: GANFit's released evaluation rule for rule (comparable with the published rows); "
+                   "robust: facehd's loop (Umeyama similarity, best iterate, at most 100 iterations).")
 @click.option("--units", type=click.Choice(UNITS), default="auto", show_default=True,
               help="Prediction units: auto refuses a prediction whose size betrays mm vs model units.")
 @click.option("--plots", "plots_dir", type=click.Path(file_okay=False, path_type=Path),
@@ -45,7 +48,8 @@ TITLE = "MICC Florence (HRN supplement Table 1): mean / std of the distance in m
 @click.option("--synthetic-resolution", type=click.IntRange(min=16), default=None,
               help="SynthBFM grid rows of the synthetic default's template [default: 48, 2,352 vertices].")
 @click.option("--no-published", is_flag=True, help="Leave the published rows out of the table.")
-def micc_command(gt_dir, preds, template, template_keypoints, fmt, per_subject, direction, metric, units, plots_dir,
+def micc_command(gt_dir, preds, template, template_keypoints, fmt, per_subject, direction, metric, protocol, units,
+                 plots_dir,
                  cache_root, workers, synthetic_subjects, synthetic_resolution, no_published):
     """Evaluate reconstructions on MICC Florence and print Table 1 beside the published rows.
 
@@ -55,7 +59,7 @@ def micc_command(gt_dir, preds, template, template_keypoints, fmt, per_subject, 
     progress = StageProgress("MICC")
     try:
         result = run_micc(gt_dir, parse_preds(preds), template, template_keypoints=template_keypoints,
-                          options=MiccOptions(direction=direction, metric=metric, units=units),
+                          options=MiccOptions(direction=direction, metric=metric, units=units, protocol=protocol),
                           cache_root=cache_root, workers=workers, progress=progress,
                           synthetic_subjects=synthetic_subjects, synthetic_resolution=synthetic_resolution)
     except FaceHDError as exc:
@@ -64,21 +68,25 @@ def micc_command(gt_dir, preds, template, template_keypoints, fmt, per_subject, 
         progress.close()
     published = not no_published
     table, note = result.table(published=published), result.note(published=published)
-    absent = result.not_evaluated()
+    absent, warnings = result.not_evaluated(), result.warnings()
     if fmt == "csv":  # stdout stays machine-readable; the note goes to stderr
         click.echo(format_table(table, "csv"), nl=False)
-        click.echo(note + "".join(f"\n  {line}" for line in absent), err=True)
+        click.echo(note + "".join(f"\n  {line}" for line in absent + warnings), err=True)
     elif fmt == "json":
         data = json.loads(format_table(table, "json", note=note))
         data["not_evaluated"] = absent
+        data["warnings"] = warnings
         click.echo(json.dumps(data, indent=2))
     elif fmt == "latex":  # every line of the note and list is a LaTeX comment
-        comments = note.splitlines() + (["Not evaluated:"] + [f"  {line}" for line in absent] if absent else [])
+        comments = note.splitlines() + (["Not evaluated:"] + [f"  {line}" for line in absent] if absent else []) \
+            + (["Warnings:"] + [f"  {line}" for line in warnings] if warnings else [])
         click.echo(format_table(table, "latex") + "".join(f"\n% {line}" for line in comments))
     else:
         lines = [format_table(table, fmt, note=note)]
         if absent:
             lines += ["", "Not evaluated:"] + [f"  {line}" for line in absent]
+        if warnings:
+            lines += ["", "Warnings (scores kept; check these):"] + [f"  {line}" for line in warnings]
         click.echo(TITLE + "\n\n" + "\n".join(lines))
     if per_subject is not None:
         with atomic_open(per_subject, "w", newline="") as fh:

@@ -22,9 +22,9 @@ from facehd import conventions as cv
 from facehd.distance import DEGENERATE_AREA_RTOL, SurfaceIndex, as_faces, as_points
 from facehd.errors import FaceHDError, FileFormatError, InputError
 from facehd.fsutil import atomic_path
-from facehd.icp import MICC_TOL_MM, similarity_icp
+from facehd.icp import MAX_SIMILARITY_ITERATIONS, MICC_TOL_MM, similarity_icp
 from facehd.nicp import nonrigid_icp
-from facehd.procrustes import Similarity, check_landmark_fit
+from facehd.procrustes import Similarity, check_landmark_fit, fit_similarity_norm_ratio, rms_residual
 
 # --- protocol (DESIGN.md section 8; GANFit's released MICC evaluation, followed by HRN) -----------
 CROP_RADIUS_MM = 95.0  # GANFit / HRN MICC protocol: vertices within 95 mm of the nose tip
@@ -33,6 +33,20 @@ SUBJECT_CROP_RADII_MM = {28: 60.0}
 NOSE_TIP = cv.NOSE_TIP_IBUG  # iBUG landmark 30
 ICP_TOL_MM = MICC_TOL_MM  # stop once the mean distance improves by no more than 0.001 mm
 MIN_CROP_VERTICES = 3  # a similarity needs three non-collinear points
+# "released": GANFit's released evaluation rule for rule (menpo's similarity, the GT scan's own nose
+# landmark as the f(GT, pred) crop centre, menpo's crop, the loop returning its last distance);
+# "robust": facehd's loop (Umeyama, keypoint crop centres, the best iterate, at most 100 steps).
+PROTOCOLS = ("released", "robust")
+# The released loop has no iteration cap; this safety net lies far above the few tens of steps the
+# data needs, and reaching it is reported.
+RELEASED_SAFETY_ITERATIONS = 1000
+# Registration plausibility (flagged per scan in the output): a GT scan cut short or misregistered
+# leaves template vertices far from it. Coverage = fraction of the registered crop within
+# COVERAGE_DISTANCE_MM of the scan; the synthetic scans (with holes) cover > 95 %.
+COVERAGE_DISTANCE_MM = 2.0
+MIN_PLAUSIBLE_COVERAGE = 0.9
+MAX_PLAUSIBLE_SURFACE_MM = 1.0  # mean registered-to-scan distance (GANFit's registrations: ~0.1 mm)
+MAX_PLAUSIBLE_LANDMARK_RMS_MM = 10.0
 # MICC video folder -> column of Table 1.
 SETTINGS = {"Indoor-Cooperative": "Cooperative", "PTZ-Indoor": "Indoor", "PTZ-Outdoor": "Outdoor"}
 SCANS = ("frontal1", "frontal2")
@@ -44,7 +58,7 @@ PREDICTION_SUFFIXES = (".obj", ".ply")
 # A prediction whose size is within this factor of the template's is taken to be in its units;
 # mm against model units (x100) or the reverse (/100) fall far outside.
 UNIT_RATIO_TOLERANCE = 3.0
-REGISTRATION_VERSION = 1  # bump when the registration changes: it is part of the cache key
+REGISTRATION_VERSION = 2  # bump when the registration changes: it is part of the cache key
 # Non-rigid ICP of the ground-truth registration: menpo3d's full default schedule (facehd.nicp's
 # defaults are its first five steps), from a nearly rigid fit that follows the landmarks down to a
 # flexible one that follows the scan alone. The last three steps more than halve the registration
@@ -417,6 +431,22 @@ class RegisteredScan:
     landmark_scale: float  # template units per scan unit of the landmark similarity
     landmark_rms_mm: float  # RMS landmark residual after the similarity
     surface_mean_mm: float  # mean distance of the registered vertices to the scan surface
+    nose_tip: np.ndarray  # (3,) the scan's own landmark 30 mapped by the landmark similarity, template units
+    coverage: float  # fraction of the registered crop within COVERAGE_DISTANCE_MM of the scan
+    protocol: str = "released"  # the registration's rules (landmark similarity, non-rigid schedule)
+
+    @property
+    def flags(self) -> tuple[str, ...]:
+        """Why this registration is implausible (empty when it looks sound)."""
+        out = []
+        if self.coverage < MIN_PLAUSIBLE_COVERAGE:
+            out.append(f"covers only {100 * self.coverage:.0f}% of the crop (within {COVERAGE_DISTANCE_MM:g} mm "
+                       f"of the scan; expected >= {100 * MIN_PLAUSIBLE_COVERAGE:.0f}%): the scan may be cut short")
+        if self.surface_mean_mm > MAX_PLAUSIBLE_SURFACE_MM:
+            out.append(f"mean distance to the scan {self.surface_mean_mm:.3g} mm (> {MAX_PLAUSIBLE_SURFACE_MM:g})")
+        if self.landmark_rms_mm > MAX_PLAUSIBLE_LANDMARK_RMS_MM:
+            out.append(f"landmark RMS {self.landmark_rms_mm:.3g} mm (> {MAX_PLAUSIBLE_LANDMARK_RMS_MM:g})")
+        return tuple(out)
 
 
 def _file_digest(*paths: Path) -> str:
@@ -429,16 +459,21 @@ def _file_digest(*paths: Path) -> str:
     return h.hexdigest()
 
 
-def registration_key(scan: GroundTruthScan, template: Template) -> str:
-    """Cache key: the scan and landmark file contents, the template and the registration settings."""
+def registration_key(scan: GroundTruthScan, template: Template, protocol: str = "released") -> str:
+    """Cache key: the scan and landmark file contents, the template, the protocol and the
+    registration settings."""
     if scan.landmarks_path is None:
         raise InputError(f"{scan.mesh_path}: no landmarks file ({scan.mesh_path.stem}_landmarks.txt|.npy beside it, "
                          f"or {scan.scan}_landmarks.txt in the subject folder); the registration needs 68 landmarks")
     h = hashlib.sha256()
     h.update(_file_digest(scan.mesh_path, scan.landmarks_path).encode())
     h.update(template.key.encode())
-    h.update(repr((REGISTRATION_VERSION, NICP_STIFFNESS, NICP_LANDMARK_WEIGHTS, NICP_MAX_DISTANCE_MM)).encode())
+    h.update(repr((REGISTRATION_VERSION, protocol, NICP_STIFFNESS, NICP_LANDMARK_WEIGHTS, NICP_MAX_DISTANCE_MM,
+                   COVERAGE_DISTANCE_MM)).encode())
     return h.hexdigest()[:24]
+
+
+_CACHED_FLOATS = ("landmark_scale", "landmark_rms_mm", "surface_mean_mm", "coverage")
 
 
 def _load_cached(scan: GroundTruthScan, path: Path | None) -> RegisteredScan | None:
@@ -446,48 +481,61 @@ def _load_cached(scan: GroundTruthScan, path: Path | None) -> RegisteredScan | N
         return None
     try:
         with np.load(path) as data:
-            return RegisteredScan(scan, data["vertices"], float(data["landmark_scale"]),
-                                  float(data["landmark_rms_mm"]), float(data["surface_mean_mm"]))
+            return RegisteredScan(scan, data["vertices"], *(float(data[k]) for k in _CACHED_FLOATS[:3]),
+                                  nose_tip=np.asarray(data["nose_tip"], dtype=np.float64).reshape(3),
+                                  coverage=float(data["coverage"]), protocol=str(data["protocol"]))
     except (OSError, ValueError, KeyError):
         return None  # an unreadable cache entry is recomputed and overwritten
 
 
-def register_scan(scan: GroundTruthScan, template: Template, *, cache_dir: str | Path | None = None,
-                  key: str | None = None) -> RegisteredScan:
-    """Protocol step 1: similarity of the scan's 68 landmarks onto the template keypoints, then the
-    template deformed onto the scan by non-rigid ICP (landmarks as extra pairs).
+def register_scan(scan: GroundTruthScan, template: Template, *, protocol: str = "released",
+                  cache_dir: str | Path | None = None, key: str | None = None) -> RegisteredScan:
+    """Protocol step 1: similarity of the scan's 68 landmarks onto the template keypoints (the
+    released protocol: menpo's norm-ratio similarity; robust: Umeyama), then the template deformed
+    onto the scan by non-rigid ICP (landmarks as extra pairs).
 
     With `cache_dir` the result is stored as `<cache_dir>/<key>.npz` (atomically) and reused:
     the key (`registration_key`, computed unless given) hashes the scan and landmark files, the
     template and the registration settings.
     """
-    key = key or registration_key(scan, template)
+    _check_protocol(protocol)
+    key = key or registration_key(scan, template, protocol)
     path = None if cache_dir is None else Path(cache_dir) / f"{key}.npz"
     cached = _load_cached(scan, path)
     if cached is not None:
         return cached
-    result = _register(scan, template)
+    result = _register(scan, template, protocol)
     if path is not None:
         with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-            np.savez(fh, vertices=result.vertices, landmark_scale=result.landmark_scale,
-                     landmark_rms_mm=result.landmark_rms_mm, surface_mean_mm=result.surface_mean_mm)
+            np.savez(fh, vertices=result.vertices, nose_tip=result.nose_tip, protocol=result.protocol,
+                     **{k: getattr(result, k) for k in _CACHED_FLOATS})
     return result
 
 
-def _register(scan: GroundTruthScan, template: Template) -> RegisteredScan:
+def _check_protocol(protocol: str) -> None:
+    if protocol not in PROTOCOLS:
+        raise InputError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+
+
+def _register(scan: GroundTruthScan, template: Template, protocol: str) -> RegisteredScan:
     from facehd.io import load_mesh
 
     mesh = load_mesh(scan.mesh_path)
     if mesh.n_faces == 0:
         raise InputError(f"{scan.mesh_path}: the scan has no triangles")
     landmarks = read_landmarks(scan.landmarks_path)
-    fit = check_landmark_fit(landmarks, template.vertices[template.keypoints], source=str(scan.landmarks_path))
-    scan_vertices = fit.transform.apply(mesh.vertices)
+    keypoints = template.vertices[template.keypoints]
+    fit = check_landmark_fit(landmarks, keypoints, source=str(scan.landmarks_path))  # refuses mirrored, degenerate
+    transform, rms = fit.transform, fit.rms
+    if protocol == "released":  # menpo's AlignmentSimilarity, as GANFit's registration
+        transform = fit_similarity_norm_ratio(landmarks, keypoints)
+        rms = rms_residual(transform, landmarks, keypoints)
+    scan_vertices = transform.apply(mesh.vertices)
     keep = ~degenerate_faces(scan_vertices, mesh.faces)  # raw scans carry slivers; their edges remain
     if not keep.any():
         raise InputError(f"{scan.mesh_path}: every triangle of the scan is degenerate")
     scan_faces = mesh.faces[keep]
-    target_landmarks = fit.transform.apply(landmarks)
+    target_landmarks = transform.apply(landmarks)
     result = nonrigid_icp(
         template.vertices, template.faces, (scan_vertices, scan_faces),
         stiffness=NICP_STIFFNESS, landmark_weights=NICP_LANDMARK_WEIGHTS,
@@ -495,9 +543,13 @@ def _register(scan: GroundTruthScan, template: Template) -> RegisteredScan:
         max_distance=NICP_MAX_DISTANCE_MM / template.mm_per_unit,
     )
     vertices = np.asarray(result.vertices, dtype=np.float64)
-    surface = SurfaceIndex(scan_vertices, scan_faces).distance(vertices)
     per = template.mm_per_unit
-    return RegisteredScan(scan, vertices, fit.transform.scale, fit.rms * per, float(surface.mean()) * per)
+    surface = SurfaceIndex(scan_vertices, scan_faces).distance(vertices) * per
+    nose = target_landmarks[NOSE_TIP]
+    crop = np.linalg.norm(vertices - nose, axis=1) < crop_radius_mm(scan.number) / per
+    coverage = float(np.mean(surface[crop] <= COVERAGE_DISTANCE_MM)) if crop.any() else 0.0
+    return RegisteredScan(scan, vertices, transform.scale, rms * per, float(surface.mean()), nose_tip=nose,
+                          coverage=coverage, protocol=protocol)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -512,6 +564,7 @@ class AlignedDistance:
     vertex_mm: np.ndarray  # (N,) per vertex of A, NaN outside the crop
     transform: Similarity  # A -> B
     iterations: int
+    safety_net: bool = False  # the released loop was stopped by RELEASED_SAFETY_ITERATIONS
 
 
 def crop_radius_mm(subject_number: int | None) -> float:
@@ -531,6 +584,62 @@ def crop_mask(vertices: np.ndarray, nose_index: int, radius_mm: float, mm_per_un
                          f"({radius:.4g} units at {mm_per_unit:g} mm per unit) of the nose tip (vertex {nose_index}); "
                          "check the units and the template's keypoints")
     return mask
+
+
+def released_crop_mask(vertices: np.ndarray, faces: np.ndarray, center, radius_mm: float,
+                       mm_per_unit: float) -> np.ndarray:
+    """(N,) bool: the released protocol's crop: vertices strictly within `radius_mm` of `center`
+    (3,), then, as menpo's `TriMesh.from_mask`, only vertices of a triangle whose three vertices
+    are all inside (a vertex in no such triangle is dropped)."""
+    center = np.asarray(center, dtype=np.float64).reshape(3)
+    radius = radius_mm / mm_per_unit
+    inside = np.linalg.norm(vertices - center, axis=1) < radius
+    kept = faces[inside[faces].all(axis=1)]
+    mask = np.zeros(len(vertices), dtype=bool)
+    mask[kept.reshape(-1)] = True
+    if mask.sum() < MIN_CROP_VERTICES:
+        raise InputError(f"empty crop: only {int(mask.sum())} vertices of whole triangles lie within {radius_mm:g} mm "
+                         f"({radius:.4g} units at {mm_per_unit:g} mm per unit) of the crop centre "
+                         f"{np.round(center, 6).tolist()}; check the units and the nose landmark / keypoint")
+    return mask
+
+
+def released_aligned_distance(a_vertices, b_vertices, faces, *, center, radius_mm: float = CROP_RADIUS_MM,
+                              mm_per_unit: float = cv.MM_PER_MODEL_UNIT, metric: str = "point_to_surface",
+                              max_iter: int = RELEASED_SAFETY_ITERATIONS) -> AlignedDistance:
+    """f(A, B) by GANFit's released rule, for two meshes on one topology (faces (F, 3)).
+
+    crop = `released_crop_mask` of A around `center` (template units); d0 = mean distance between
+    the crop's vertices and B's same-index vertices; then repeat: fit menpo's similarity
+    (`fit_similarity_norm_ratio`) of the current, already moved, crop onto its correspondences
+    (first B's same-index vertices) and apply it; correspondences = the closest points on B's
+    triangles, chosen and measured in float64; d = their mean distance; while the previous d minus
+    the new one exceeds 0.001 mm. The LAST d is returned, even when that step made it worse.
+    `max_iter` is only a safety net; reaching it sets `safety_net`.
+    """
+    if metric not in METRICS:
+        raise InputError(f"metric must be one of {METRICS}, got {metric!r}")
+    a = as_points(a_vertices, "A vertices")
+    b = as_points(b_vertices, "B vertices", rows=len(a))
+    faces = as_faces(faces, len(a))
+    mask = released_crop_mask(a, faces, center, radius_mm, mm_per_unit)
+    index = SurfaceIndex(b, faces)
+    current, corr = a[mask], b[mask]
+    previous = float(np.linalg.norm(current - corr, axis=1).mean()) * mm_per_unit
+    total, iterations, safety_net = Similarity.identity(), 0, True
+    for iterations in range(1, int(max_iter) + 1):
+        step = fit_similarity_norm_ratio(current, corr)
+        current, total = step.apply(current), step.compose(total)
+        hit = index.closest(current, exact=True)
+        corr = hit.points
+        d = float(hit.distances.mean()) * mm_per_unit
+        if not previous - d > ICP_TOL_MM:
+            safety_net = False
+            break
+        previous = d
+    vertex_mm = np.full(len(a), np.nan)
+    vertex_mm[mask] = (index.point_to_plane(current) if metric == "point_to_plane" else hit.distances) * mm_per_unit
+    return AlignedDistance(float(vertex_mm[mask].mean()), vertex_mm, total, iterations, safety_net)
 
 
 def surface_distance_mm(points, vertices, faces, *, metric: str = "point_to_surface",
@@ -583,27 +692,47 @@ class PairScore:
     gt_to_pred_mm: float | None
     pred_to_gt_mm: float | None
     vertex_mm: np.ndarray  # (N,) per template vertex: the mean of the directions measured there
+    safety_net: tuple[str, ...] = ()  # directions whose released loop reached the safety net
 
 
 def micc_score(gt_vertices, pred_vertices, faces, *, nose_index: int, radius_mm: float = CROP_RADIUS_MM,
                mm_per_unit: float = cv.MM_PER_MODEL_UNIT, direction: str = "symmetric",
-               metric: str = "point_to_surface") -> PairScore:
-    """score = (f(GT, pred) + f(pred, GT)) / 2 (or one direction) for meshes on one topology."""
+               metric: str = "point_to_surface", protocol: str = "released", gt_center=None) -> PairScore:
+    """score = (f(GT, pred) + f(pred, GT)) / 2 (or one direction) for meshes on one topology.
+
+    protocol="released" (`released_aligned_distance`): f(GT, pred)'s crop is centred on
+    `gt_center` (3,), the GT scan's own landmark 30 in template units (`RegisteredScan.nose_tip`;
+    the GT's keypoint vertex when None), f(pred, GT)'s on the prediction's keypoint vertex.
+    protocol="robust" (`aligned_distance`): both on the keypoint vertex.
+    """
     if direction not in DIRECTIONS:
         raise InputError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    _check_protocol(protocol)
     gt = as_points(gt_vertices, "ground-truth vertices")
     pred = as_points(pred_vertices, "prediction vertices", rows=len(gt))
     faces = consistent_winding(gt, as_faces(faces, len(gt)))
-    kw = dict(nose_index=nose_index, radius_mm=radius_mm, mm_per_unit=mm_per_unit, metric=metric)
-    forward = aligned_distance(gt, pred, faces, **kw) if direction != "pred_to_gt" else None
-    backward = aligned_distance(pred, gt, faces, **kw) if direction != "gt_to_pred" else None
+    if protocol == "released":
+        if not 0 <= nose_index < len(gt):
+            raise InputError(f"nose-tip index {nose_index} is outside the mesh's {len(gt)} vertices")
+        kw = dict(radius_mm=radius_mm, mm_per_unit=mm_per_unit, metric=metric)
+        gt_centre = gt[nose_index] if gt_center is None else as_points(np.reshape(gt_center, (1, 3)), "GT nose")[0]
+        forward = released_aligned_distance(gt, pred, faces, center=gt_centre, **kw) \
+            if direction != "pred_to_gt" else None
+        backward = released_aligned_distance(pred, gt, faces, center=pred[nose_index], **kw) \
+            if direction != "gt_to_pred" else None
+    else:
+        kw = dict(nose_index=nose_index, radius_mm=radius_mm, mm_per_unit=mm_per_unit, metric=metric)
+        forward = aligned_distance(gt, pred, faces, **kw) if direction != "pred_to_gt" else None
+        backward = aligned_distance(pred, gt, faces, **kw) if direction != "gt_to_pred" else None
     parts = [d for d in (forward, backward) if d is not None]
     stacked = np.stack([d.vertex_mm for d in parts])
     measured = np.isfinite(stacked)
     with np.errstate(invalid="ignore"):  # vertices outside both crops stay NaN
         vertex = np.where(measured, stacked, 0.0).sum(axis=0) / measured.sum(axis=0)
+    net = tuple(name for name, d in (("f(GT, pred)", forward), ("f(pred, GT)", backward))
+                if d is not None and d.safety_net)
     return PairScore(float(np.mean([d.mean_mm for d in parts])), None if forward is None else forward.mean_mm,
-                     None if backward is None else backward.mean_mm, vertex)
+                     None if backward is None else backward.mean_mm, vertex, net)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -617,12 +746,13 @@ class MiccOptions:
     direction: str = "symmetric"
     metric: str = "point_to_surface"
     units: str = "auto"
+    protocol: str = "released"
     crop_radius_mm: float = CROP_RADIUS_MM
     subject_crop_radii_mm: Mapping[int, float] = field(default_factory=lambda: dict(SUBJECT_CROP_RADII_MM))
 
     def __post_init__(self):
         for name, value, allowed in (("direction", self.direction, DIRECTIONS), ("metric", self.metric, METRICS),
-                                     ("units", self.units, UNITS)):
+                                     ("units", self.units, UNITS), ("protocol", self.protocol, PROTOCOLS)):
             if value not in allowed:
                 raise InputError(f"{name} must be one of {allowed}, got {value!r}")
 
@@ -638,8 +768,22 @@ class MiccOptions:
                 "point_to_plane": "true point-to-plane distance |(p - q) . n| at the closest surface point"
                 }[self.metric]
         crops = ", ".join(f"{r:g} mm for subject {s}" for s, r in sorted(self.subject_crop_radii_mm.items()))
-        return (f"Metric: {what}; direction: {how}; after similarity ICP (Umeyama, no reflection) of a "
-                f"{self.crop_radius_mm:g} mm crop around the nose tip ({crops}). Millimetres = template units x "
+        if self.protocol == "released":
+            protocol = (
+                "Protocol: released (GANFit's released MICC evaluation, rule for rule): GT registered with menpo's "
+                "similarity (scale = ratio of the centred landmark sets' Frobenius norms) and non-rigid ICP; "
+                f"a {self.crop_radius_mm:g} mm crop ({crops}; strictly inside, vertices of whole triangles only) "
+                "around the GT scan's own landmark 30 for f(GT, pred) and the prediction's keypoint 30 for "
+                "f(pred, GT); similarity ICP with menpo's similarity from same-index correspondences, float64 "
+                "closest points, stopping once the mean improves by no more than 0.001 mm and returning the last "
+                f"mean (safety net {RELEASED_SAFETY_ITERATIONS} iterations, reported if reached).")
+        else:
+            protocol = (
+                "Protocol: robust (facehd's loop, not the released one): GT registered with an Umeyama landmark "
+                f"similarity and non-rigid ICP; a {self.crop_radius_mm:g} mm crop ({crops}) around each mesh's "
+                "keypoint 30; similarity ICP (Umeyama, no reflection) keeping the best iterate, at most "
+                f"{MAX_SIMILARITY_ITERATIONS} iterations.")
+        return (f"Metric: {what}; direction: {how}. {protocol} Millimetres = template units x "
                 f"{mm_per_unit:g}. Per subject the minimum over its frontal scans; per setting the mean and "
                 "population std (ddof 0) over subjects; n = subjects averaged.")
 
@@ -658,6 +802,7 @@ class SubjectScore:
     gt_to_pred_mm: float | None = None  # of the best scan
     pred_to_gt_mm: float | None = None
     message: str = ""
+    warnings: tuple[str, ...] = ()  # e.g. a released loop stopped by the safety net
 
 
 @dataclass(frozen=True)
@@ -702,6 +847,15 @@ class MiccResult:
     vertex_error_mm: dict[tuple[str, str], np.ndarray]  # (method, setting) -> (N,) mean over subjects
     mean_gt_vertices: np.ndarray  # (N, 3) mean registered ground truth, template units
     synthetic: bool = False
+    registrations: list[RegisteredScan] = field(default_factory=list)  # the usable GT registrations
+
+    def warnings(self) -> list[str]:
+        """Human-readable lines: implausible GT registrations (per scan) and loops stopped by the
+        safety net (per cell); the scores are kept, but should be checked."""
+        lines = [f"registration {r.scan.subject} {r.scan.scan} ({r.scan.mesh_path}): {flag}"
+                 for r in self.registrations for flag in r.flags]
+        lines += [f"{s.method} {s.subject} {s.setting}: {w}" for s in self.scores for w in s.warnings]
+        return lines
 
     def summaries(self) -> list[SettingSummary]:
         return aggregate(self.scores)
@@ -730,6 +884,7 @@ class MiccResult:
     def per_subject_frame(self) -> pd.DataFrame:
         """One row per (method, subject, setting): status, score, best scan, per-scan scores, parts."""
         records = []
+        flags = {(r.scan.subject, r.scan.scan): "; ".join(r.flags) or "ok" for r in self.registrations}
         for s in self.scores:
             records.append({
                 "method": s.method, "subject": s.subject, "setting": s.setting, "status": s.status,
@@ -737,7 +892,9 @@ class MiccResult:
                 **{f"{scan}_mm": s.scan_scores_mm.get(scan, math.nan) for scan in SCANS},
                 "gt_to_pred_mm": math.nan if s.gt_to_pred_mm is None else s.gt_to_pred_mm,
                 "pred_to_gt_mm": math.nan if s.pred_to_gt_mm is None else s.pred_to_gt_mm,
-                "direction": self.options.direction, "metric": self.options.metric, "message": s.message,
+                **{f"{scan}_registration": flags.get((s.subject, scan), "") for scan in SCANS},
+                "direction": self.options.direction, "metric": self.options.metric,
+                "protocol": self.options.protocol, "message": "; ".join(filter(None, (s.message, *s.warnings))),
             })
         return pd.DataFrame.from_records(records)
 
@@ -818,16 +975,16 @@ def _worker_pool(workers: int):
 
 
 def _register_or_error(scan: GroundTruthScan, template: Template, cache_dir: Path | None,
-                       key: str) -> RegisteredScan | str:
+                       key: str, protocol: str) -> RegisteredScan | str:
     try:
-        return register_scan(scan, template, cache_dir=cache_dir, key=key)
+        return register_scan(scan, template, protocol=protocol, cache_dir=cache_dir, key=key)
     except FaceHDError as exc:
         return f"{scan.subject} {scan.scan}: registration failed: {exc}"
 
 
-def register_scans(scans: list[GroundTruthScan], template: Template, *, cache_dir: str | Path | None = None,
-                   workers: int = 1, progress: Callable[[str, int, int], None] | None = None
-                   ) -> list[RegisteredScan | str]:
+def register_scans(scans: list[GroundTruthScan], template: Template, *, protocol: str = "released",
+                   cache_dir: str | Path | None = None, workers: int = 1,
+                   progress: Callable[[str, int, int], None] | None = None) -> list[RegisteredScan | str]:
     """Register every scan (protocol step 1); each result is a RegisteredScan or an error message.
 
     Cached registrations are read in this process; the others are computed in `workers` spawned
@@ -838,7 +995,7 @@ def register_scans(scans: list[GroundTruthScan], template: Template, *, cache_di
     todo: list[tuple[int, str]] = []
     for i, scan in enumerate(scans):
         try:
-            key = registration_key(scan, template)
+            key = registration_key(scan, template, protocol)
         except FaceHDError as exc:
             results[i] = f"{scan.subject} {scan.scan}: {exc}"
             continue
@@ -847,7 +1004,7 @@ def register_scans(scans: list[GroundTruthScan], template: Template, *, cache_di
             todo.append((i, key))
     if todo:
         with _worker_pool(max(1, min(workers, len(todo)))) as pool:
-            futures = [pool.submit(_register_or_error, scans[i], template, cache, key) for i, key in todo]
+            futures = [pool.submit(_register_or_error, scans[i], template, cache, key, protocol) for i, key in todo]
             for done, ((i, _), future) in enumerate(zip(todo, futures), 1):
                 results[i] = future.result()
                 if progress:
@@ -882,7 +1039,8 @@ def _score_one(job: _SubjectJob, method: str, folder: str, path: Path | None) ->
         pred = load_prediction(path, t, units=opt.units)
         pairs = {r.scan.scan: micc_score(r.vertices, pred, t.faces, nose_index=t.nose_tip,
                                          radius_mm=opt.radius_mm(job.number), mm_per_unit=t.mm_per_unit,
-                                         direction=opt.direction, metric=opt.metric) for r in job.registered}
+                                         direction=opt.direction, metric=opt.metric, protocol=opt.protocol,
+                                         gt_center=r.nose_tip) for r in job.registered}
     except PredictionUnitsError:
         raise  # a unit mistake is systematic: the whole run is refused
     except FaceHDError as exc:
@@ -890,7 +1048,10 @@ def _score_one(job: _SubjectJob, method: str, folder: str, path: Path | None) ->
     best = min(pairs, key=lambda k: pairs[k].score_mm)  # protocol: the minimum over the frontal scans
     score = replace(base, status="ok", score_mm=pairs[best].score_mm, best_scan=best,
                     scan_scores_mm={k: p.score_mm for k, p in pairs.items()},
-                    gt_to_pred_mm=pairs[best].gt_to_pred_mm, pred_to_gt_mm=pairs[best].pred_to_gt_mm)
+                    gt_to_pred_mm=pairs[best].gt_to_pred_mm, pred_to_gt_mm=pairs[best].pred_to_gt_mm,
+                    warnings=tuple(f"{scan} {d}: the ICP loop reached the safety net of {RELEASED_SAFETY_ITERATIONS} "
+                                   "iterations without meeting the stop rule" for scan, p in pairs.items()
+                                   for d in p.safety_net))
     return score, pairs[best]
 
 
@@ -971,7 +1132,8 @@ def evaluate_micc(gt_dir: str | Path, predictions: Mapping[str, str | Path], tem
         _check_units_early((p for subject in names for p in files.get(subject, {}).values()), template,
                            options.units)
     scans = [scan for name in names for scan in gt.scans[name]]
-    registered = register_scans(scans, template, cache_dir=cache_dir, workers=workers, progress=progress)
+    registered = register_scans(scans, template, protocol=options.protocol, cache_dir=cache_dir, workers=workers,
+                                progress=progress)
     problems = list(gt.problems) + [r for r in registered if isinstance(r, str)]
     ok = [r for r in registered if not isinstance(r, str)]
     jobs = [_SubjectJob(name, gt.scans[name][0].number, tuple(r for r in ok if r.scan.subject == name),
@@ -982,7 +1144,7 @@ def evaluate_micc(gt_dir: str | Path, predictions: Mapping[str, str | Path], tem
         scores=[s for o in outcomes for s in o.scores], gt_problems=problems, extra_predictions=extra,
         vertex_error_mm=_accumulate(outcomes, template.n_vertices),
         mean_gt_vertices=np.mean([r.vertices for r in ok], axis=0) if ok else template.vertices.copy(),
-        synthetic=synthetic,
+        synthetic=synthetic, registrations=ok,
     )
 
 

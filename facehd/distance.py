@@ -20,6 +20,11 @@ DEGENERATE_AREA_RTOL = 1e-12
 # An interpolated vertex normal shorter than this (opposite normals cancelling) is replaced by the
 # face normal, which is always defined on the non-degenerate faces we index.
 MIN_NORMAL_LENGTH = 1e-8
+# exact=True closest points: centroids measured per query before falling back to a radius search,
+# and the relative slack on the bound (the float32 choice's distance is itself rounded).
+EXACT_NEIGHBOURS = 16
+EXACT_NEIGHBOURS_GROWTH = 4
+EXACT_BOUND_RTOL = 1e-9
 
 
 # --- input checks -------------------------------------------------------------------------------
@@ -192,6 +197,7 @@ class SurfaceIndex:
         self._indexed_faces = np.nonzero(keep)[0]  # scene primitive id -> face index
         self._face_normals = _normalize(cross)
         self._vertex_normals: np.ndarray | None = None
+        self._centroid_groups = None  # for exact=True: see _centroid_groups
         # Recentring keeps float32 rounding relative to the mesh's size, not its distance from 0.
         self._center = 0.5 * (self.vertices.min(axis=0) + self.vertices.max(axis=0))
         self._scene = o3d.t.geometry.RaycastingScene()
@@ -200,16 +206,68 @@ class SurfaceIndex:
             o3d.core.Tensor(self.faces[keep].astype(np.uint32)),
         )
 
-    def closest(self, points) -> ClosestPoints:
-        """(P, 3) query points -> their exact closest points on the surface."""
+    def closest(self, points, *, exact: bool = False) -> ClosestPoints:
+        """(P, 3) query points -> their exact closest points on the surface.
+
+        exact=True also chooses the triangle in float64 (`_refine`): every triangle that could be
+        closer than the float32 choice is measured in float64 and the closest wins, so near-ties
+        between triangles are decided to double precision (slower; for stop tests that compare
+        means to 1e-3 mm).
+        """
         p = as_points(points, "query points")
         query = o3d.core.Tensor((p - self._center).astype(np.float32))
         hit = self._scene.compute_closest_points(query)
         face_index = self._indexed_faces[hit["primitive_ids"].numpy().astype(np.int64)]
+        bary, closest = self._on_faces(p, face_index)
+        distances = np.linalg.norm(p - closest, axis=1)
+        if exact:
+            face_index, bary, closest, distances = self._refine(p, face_index, bary, closest, distances)
+        return ClosestPoints(closest, distances, face_index, bary)
+
+    def _on_faces(self, p: np.ndarray, face_index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         tri = self.vertices[self.faces[face_index]]  # (P, 3 corners, 3)
         bary = _closest_on_triangles(p, tri[:, 0], tri[:, 1], tri[:, 2])
-        closest = np.einsum("pk,pkd->pd", bary, tri)
-        return ClosestPoints(closest, np.linalg.norm(p - closest, axis=1), face_index, bary)
+        return bary, np.einsum("pk,pkd->pd", bary, tri)
+
+    def _refine(self, p, face_index, bary, closest, distances):
+        """The float64 closest triangle: a triangle whose centroid c lies farther than d + r from
+        p (d the current distance, r its centroid-to-corner radius) cannot be closer. Triangles are
+        grouped by radius (a factor of two per group, so a few large ones do not widen every
+        search); per group the nearest centroids are visited, EXACT_NEIGHBOURS first and more for
+        the queries whose bound those do not reach, and the triangles the bound admits measured."""
+        if self._centroid_groups is None:
+            self._centroid_groups = _centroid_groups(self.vertices, self.faces[self._indexed_faces])
+        face_index, bary, closest, distances = (a.copy() for a in (face_index, bary, closest, distances))
+
+        radii, groups = self._centroid_groups
+
+        def consider(rows, candidates, centroid_distance) -> None:
+            keep = centroid_distance - radii[candidates] <= distances[rows] * (1 + EXACT_BOUND_RTOL)
+            rows, candidates = rows[keep], candidates[keep]
+            if not len(rows):
+                return
+            faces = self._indexed_faces[candidates]
+            b, q = self._on_faces(p[rows], faces)
+            d = np.linalg.norm(p[rows] - q, axis=1)
+            order = np.lexsort((d, rows))  # per row, its closest candidate first
+            rows_sorted, first = np.unique(rows[order], return_index=True)
+            pick = order[first]
+            better = d[pick] < distances[rows_sorted]
+            r, pick = rows_sorted[better], pick[better]
+            face_index[r], bary[r], closest[r], distances[r] = faces[pick], b[pick], q[pick], d[pick]
+
+        for tree, members, radius in groups:
+            todo, k, n = np.arange(len(p)), EXACT_NEIGHBOURS, len(members)
+            while len(todo):  # widen the neighbourhood of the queries it does not yet cover
+                k = min(k, n)
+                centroid_distance, near = tree.query(p[todo], k=k)
+                centroid_distance, near = centroid_distance.reshape(len(todo), k), near.reshape(len(todo), k)
+                consider(np.repeat(todo, k), members[near.reshape(-1)], centroid_distance.reshape(-1))
+                if k == n:
+                    break
+                todo = todo[centroid_distance[:, -1] <= distances[todo] * (1 + EXACT_BOUND_RTOL) + radius]
+                k *= EXACT_NEIGHBOURS_GROWTH
+        return face_index, bary, closest, distances
 
     def distance(self, points) -> np.ndarray:
         """(P, 3) -> (P,) point-to-surface distances (exact closest point on the triangles)."""
@@ -242,6 +300,24 @@ class SurfaceIndex:
         if self._vertex_normals is None:
             self._vertex_normals = _vertex_normals(self.vertices, self.faces)
         return self._vertex_normals
+
+
+def _centroid_groups(vertices: np.ndarray, faces: np.ndarray):
+    """(radii (F,), [(KD-tree of the group's centroids, its members (indices into `faces`), its
+    largest radius)]): a triangle's radius is its largest centroid-to-corner distance; the groups
+    double in radius from the median one."""
+    from scipy.spatial import cKDTree
+
+    tri = vertices[faces]
+    centroids = tri.mean(axis=1)
+    radii = np.sqrt(np.max(np.sum((tri - centroids[:, None]) ** 2, axis=2), axis=1))
+    median = float(np.median(radii))
+    level = np.ceil(np.log2(np.maximum(radii / median, 1.0))).astype(np.int64)
+    groups = []
+    for value in np.unique(level):
+        members = np.nonzero(level == value)[0]
+        groups.append((cKDTree(centroids[members]), members, float(radii[members].max())))
+    return radii, groups
 
 
 def closest_points_on_mesh(points, vertices, faces) -> ClosestPoints:
