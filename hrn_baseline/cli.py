@@ -82,7 +82,8 @@ MODEL_CONFIG_HELP = ("For a public checkpoint: a YAML config whose model section
 @click.option("--images", "images", multiple=True, required=True, type=click.Path(path_type=Path),
               help="An image file or a folder of images; repeat the option for more.")
 @click.option("--landmarks", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Folder of <image stem>.txt files with 68 lines 'x y' (pixels): images are aligned to the "
+              help="Folder of <image stem>.txt files with 68 lines 'x y' or 'x y visible' (pixels; facehd's "
+                   "landmarks68/cam<i>.txt form): images are aligned to the "
                    "model's crop with them. Without it the images must be pre-cropped to the model's input size.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Output folder: one sub-folder per image.")
@@ -93,7 +94,7 @@ MODEL_CONFIG_HELP = ("For a public checkpoint: a YAML config whose model section
 def predict(checkpoint: Path | None, model_config: Path | None, standard_landmarks: Path | None,
             images: tuple[Path, ...], landmarks: Path | None, out: Path, units: str, device: str):
     """Reconstruct faces: per image the coarse, mid and high meshes (OBJ with UVs and texture), the
-    deformation and displacement maps (.npy and 16-bit PNG, scaling in maps.json), the
+    deformation and displacement maps (.npy and 16-bit grey PNGs, one per channel, decoding in maps.json), the
     coefficients (.npz) and overlay.png (the render on the photo). Bad images are reported and
     skipped."""
     from facehd.clitools import progress

@@ -1,5 +1,5 @@
 """`hrn predict`: images (+ 68 landmarks) -> coarse, mid and high meshes (OBJ with UVs and texture),
-deformation and displacement maps (.npy and 16-bit PNG), coefficients (.npz) and an overlay of the
+deformation and displacement maps (.npy and 16-bit grey PNGs), coefficients (.npz) and an overlay of the
 render on the photo, in model units or mm. Photos are cropped by the public preprocessing
 (`hrn_baseline.preprocess`)."""
 
@@ -16,15 +16,26 @@ import numpy as np
 import torch
 
 from facehd import conventions as cv
+from facehd.capture import read_landmarks68
 from facehd.errors import FaceHDError, FileFormatError, InputError
 from facehd.fsutil import atomic_open, atomic_path
 from facehd.io import Mesh, save_mesh
 from facehd.morphable import split_coeffs
-from facehd.wild import IMAGE_SUFFIXES, read_image, read_landmarks
+from facehd.wild import IMAGE_SUFFIXES, read_image
 from hrn_baseline.checkpoints import model_from_checkpoint
 from hrn_baseline.config import ModelConfig
 from hrn_baseline.model import HRN, HRNOutput
-from hrn_baseline.preprocess import CROP_SIZE, RESCALE_FACTOR, PublicCrop, align_image, identity_crop, paste_back
+from hrn_baseline.preprocess import (
+    CROP_SIZE,
+    EYE_CORNERS,
+    MOUTH_CORNERS,
+    NOSE_TIP,
+    RESCALE_FACTOR,
+    PublicCrop,
+    align_image,
+    identity_crop,
+    paste_back,
+)
 from hrn_baseline.preprocess import standard_landmarks as find_standard_landmarks
 from hrn_baseline.train import resolve_device
 
@@ -33,7 +44,16 @@ PNG16_MAX = 65535
 LANDMARK_SUFFIX = ".txt"
 MESH_LEVELS = ("coarse", "mid", "high")
 # how the 16-bit PNGs store signed values (also written to maps.json beside them)
-PNG16_ENCODING = "png = round((value / scale + 1) / 2 * 65535); value = (png / 65535 * 2 - 1) * scale"
+PNG16_ENCODING = ("one 16-bit greyscale PNG per channel, read as uint16 by Pillow (np.asarray(Image.open(f))), "
+                  "OpenCV (cv2.imread(f, cv2.IMREAD_UNCHANGED)) and imageio (imageio.v3.imread(f)); "
+                  "value = (png / 65535 * 2 - 1) * scale, png = round((value / scale + 1) / 2 * 65535)")
+DEFORMATION_CHANNELS = ("x", "y", "z")
+# --- what the 68 landmarks of a face in its photo look like (else the file or the image is wrong) ---
+MIN_LANDMARKS_INSIDE = 0.5  # fraction of the (visible) landmarks inside the image
+MIN_LANDMARK_SPREAD_PX = 2.0  # RMS distance of the points from their mean; less: all at one point
+MIN_LANDMARK_ASPECT = 0.05  # spread across / along the points' main axis; less: (nearly) on a line
+# the points the crop is computed from (`preprocess.five_points`); the others may be invisible and NaN
+ALIGNMENT_POINTS = (*EYE_CORNERS[0], *EYE_CORNERS[1], NOSE_TIP, *MOUTH_CORNERS)
 TEXTURE_NOTE = "the input image re-sampled into UV through the mid mesh (HRN's texture map)"
 
 Progress = Callable[..., Iterable]
@@ -103,12 +123,57 @@ def prepare_input(path: Path, landmarks_dir: Path | None, standard68: np.ndarray
                                         f"align it, or a pre-cropped {size} x {size} image")
         tensor = torch.from_numpy(image.astype(np.float32) / 255.0).permute(2, 0, 1).contiguous()
         return _Input(path.stem, path, tensor, None, identity_crop(tensor), image)
-    landmarks = read_landmarks(landmarks_dir / f"{path.stem}{LANDMARK_SUFFIX}")
+    landmarks_path = landmarks_dir / f"{path.stem}{LANDMARK_SUFFIX}"
+    landmarks, visible = read_photo_landmarks(landmarks_path)
+    check_landmarks(landmarks, visible, image.shape[:2], landmarks_path)
+    missing = ~np.isfinite(landmarks).all(axis=1)  # invisible points without a position: not used by the crop
     try:
-        crop = align_image(image, landmarks, standard68, size, RESCALE_FACTOR * size / CROP_SIZE)
+        crop = align_image(image, np.where(missing[:, None], 0.0, landmarks), standard68, size,
+                           RESCALE_FACTOR * size / CROP_SIZE)
     except InputError as exc:
         raise FileFormatError(path, str(exc)) from None
-    return _Input(path.stem, path, crop.image, crop.landmarks.double().numpy(), crop, image)
+    crop_landmarks = crop.landmarks.double().numpy()
+    crop_landmarks[missing] = np.nan
+    return _Input(path.stem, path, crop.image, crop_landmarks, crop, image)
+
+
+def read_photo_landmarks(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(68, 2) pixels (x, row) and (68,) visible flags of a landmark file: 68 rows "x y", or
+    "x y visible" as facehd's landmarks68/cam<i>.txt (invisible points may be NaN there)."""
+    if not path.is_file():
+        raise FileFormatError(path, "missing landmark file (68 lines 'x y' or 'x y visible')")
+    try:
+        rows = read_landmarks68(path)
+    except OSError as exc:
+        raise FileFormatError(path, f"not readable: {exc.strerror or exc}") from None
+    return rows[:, :2], rows[:, 2] > 0
+
+
+def check_landmarks(points: np.ndarray, visible: np.ndarray, image_shape: tuple[int, int], path: Path) -> None:
+    """Refuse landmarks that cannot be a face in this image: points the crop needs without a
+    position, all at one point, on a line, or mostly outside the (H, W) image."""
+    finite = np.isfinite(points).all(axis=1)
+    lacking = [i for i in ALIGNMENT_POINTS if not finite[i]]
+    if lacking:
+        raise FileFormatError(path, f"line(s) {', '.join(str(i + 1) for i in lacking)} have no position (NaN): the "
+                                    "crop needs the eye corners, nose tip and mouth corners")
+    known = points[finite]
+    centred = known - known.mean(axis=0)
+    spread = np.linalg.svd(centred, compute_uv=False) / np.sqrt(len(known))  # RMS along the two main axes
+    if spread[0] < MIN_LANDMARK_SPREAD_PX:
+        x, y = known.mean(axis=0)
+        raise FileFormatError(path, f"all landmarks lie at one point ({x:.1f}, {y:.1f}): not a face's 68 points")
+    if spread[1] < MIN_LANDMARK_ASPECT * spread[0]:
+        raise FileFormatError(path, f"the landmarks lie on a line ({spread[1]:.2g} px across, {spread[0]:.3g} px "
+                                    "along): not a face's 68 points")
+    height, width = image_shape
+    use = finite & visible if (finite & visible).any() else finite
+    x, y = points[use, 0], points[use, 1]
+    inside = (x >= -0.5) & (x <= width - 0.5) & (y >= -0.5) & (y <= height - 0.5)
+    if inside.mean() < MIN_LANDMARKS_INSIDE:
+        raise FileFormatError(path, f"{int((~inside).sum())} of {len(inside)} landmarks lie outside the {width} x "
+                                    f"{height} image (x {x.min():.0f}..{x.max():.0f}, y {y.min():.0f}..{y.max():.0f}): "
+                                    "landmarks of another image, or of another size?")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -202,9 +267,10 @@ def export_one(folder: Path, model: HRN, out: HRNOutput, b: int, item: _Input, u
     }
     files = []
     for level, (verts, level_faces, level_uvs) in vertices.items():
-        metadata = {"units": "mm" if units == "mm" else "model", "mm_per_unit": f"{cv.MM_PER_MODEL_UNIT:g}",
-                    "space": "model (shape before pose; x left, y up, z toward the camera)", "level": level,
-                    "source": str(item.source)}
+        # one statement of the unit: mm, or model units with their size in mm
+        metadata = {"units": "mm"} if units == "mm" else {"units": "model", "mm_per_unit": f"{cv.MM_PER_MODEL_UNIT:g}"}
+        metadata.update({"space": "model (shape before pose; x left, y up, z toward the camera)", "level": level,
+                         "source": str(item.source)})
         mesh = Mesh(verts.double().cpu().numpy() * factor, level_faces, uvs=level_uvs, texture=texture,
                     metadata=metadata)
         path = folder / f"{level}.obj"
@@ -219,10 +285,16 @@ def export_one(folder: Path, model: HRN, out: HRNOutput, b: int, item: _Input, u
         with atomic_path(npy) as tmp:
             np.save(tmp, array.astype(np.float32))
         pixels, scale = encode_png16(array)
-        png = write_png16(folder / f"{name}.png", pixels[0] if len(pixels) == 1 else pixels.transpose(1, 2, 0))
-        sidecar["maps"][name] = {"npy": npy.name, "png": png.name, "shape": list(array.shape), "scale": scale,
-                                 "channels": ["x", "y", "z"] if name == "deformation" else ["along the coarse normal"]}
-        files += [npy, png]
+        channels = DEFORMATION_CHANNELS if name == "deformation" else ("along the coarse normal",)
+        # grey PNGs, one per channel: common readers reduce 16-bit RGB to 8 bits (Pillow does), not 16-bit grey
+        if name == "deformation":
+            pngs = [write_png16(folder / f"{name}_{c}.png", pixels[i]) for i, c in enumerate(channels)]
+            (folder / f"{name}.png").unlink(missing_ok=True)  # an earlier version's 16-bit RGB file
+        else:
+            pngs = [write_png16(folder / f"{name}.png", pixels[0])]
+        sidecar["maps"][name] = {"npy": npy.name, "png": [png.name for png in pngs], "shape": list(array.shape),
+                                 "scale": scale, "channels": list(channels)}
+        files += [npy, *pngs]
     sidecar["texture"] = TEXTURE_NOTE
     with atomic_open(folder / "maps.json") as fh:
         json.dump(sidecar, fh, indent=2)
@@ -288,7 +360,8 @@ def predict(checkpoint: str | Path | None, images: Sequence[str | Path], out: st
     standard68 = find_standard_landmarks(model.morphable, standard_landmarks)
     landmarks_dir = None if landmarks is None else Path(landmarks)
     if landmarks_dir is not None and not landmarks_dir.is_dir():
-        raise FileFormatError(landmarks_dir, "no such landmark folder (68 lines 'x y' per <image stem>.txt)")
+        raise FileFormatError(landmarks_dir, "no such landmark folder (<image stem>.txt: 68 lines 'x y' or "
+                                            "'x y visible')")
     paths = list_images(images)
     results = [Prediction(p.stem, p) for p in paths]
     duplicates = sorted({p.stem for p in paths if sum(q.stem == p.stem for q in paths) > 1})

@@ -29,7 +29,7 @@ from facehd.errors import FileFormatError, InputError
 from facehd.fsutil import atomic_open, atomic_path
 from facehd.morphable import rigid_transform, split_coeffs, to_camera
 from facehd.wild import WildImages, template5_from_model
-from hrn_baseline.checkpoints import torch_load
+from hrn_baseline.checkpoints import load_weights_into, torch_load
 from hrn_baseline.config import COEFF_REG_EXP, COEFF_REG_ID, COEFF_REG_TEX, Config
 from hrn_baseline.data import LabViews, wild_dataset
 from hrn_baseline.evaluate import METRICS, PREVIEW_IMAGES, evaluate, format_means, save_preview
@@ -49,7 +49,6 @@ from hrn_baseline.losses import (
     total_super_loss,
     tv_loss,
 )
-from hrn_baseline.checkpoints import load_weights_into
 from hrn_baseline.model import HRN, HRNOutput, load_hrn_morphable, make_discriminators, project_rows
 
 LOGGER = logging.getLogger("hrn_baseline.train")

@@ -169,14 +169,14 @@ def test_cli_evaluate(tiny_checkpoint, tiny_wild, tmp_path):
                                        "--baseline", "--out", str(out), "--preview", str(tmp_path / "p.png"),
                                        "--device", "cpu"])
     assert result.exit_code == 0, result.output
-    lines = result.output.splitlines()
+    lines = result.stdout.splitlines()  # progress bars go to stderr
     assert lines[1].startswith("initialisation") and lines[2].startswith(str(tiny_checkpoint))
-    assert "posed_mm: truth -> prediction point-to-surface" in result.output
+    assert "posed_mm: truth -> prediction point-to-surface" in result.stdout
     assert len(out.read_text().splitlines()) == WILD_IMAGES + 1
-    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG" and "preview: " in result.output
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG" and "preview: " in result.stdout
     broken = tmp_path / "broken"
     shutil.copytree(tiny_wild, broken)
     (broken / "images" / "000000.png").write_bytes(b"")
     result = CliRunner().invoke(main, ["evaluate", "--checkpoint", str(tiny_checkpoint), "--images", str(broken)])
-    assert result.exit_code == 1 and f"FAILED {broken}/000000" in result.output
-    assert f"{WILD_IMAGES - 1}" in result.output.splitlines()[1]
+    assert result.exit_code == 1 and f"FAILED {broken}/000000" in result.stdout
+    assert f"{WILD_IMAGES - 1}" in result.stdout.splitlines()[1]

@@ -55,10 +55,12 @@ def test_every_file_is_written_with_its_unit(predicted):
     for level in LEVELS:
         for suffix in (".obj", ".mtl", ".png"):
             assert (folder / f"{level}{suffix}").is_file()
-        assert "# units: model" in _header(folder / f"{level}.obj")
-        assert "# units: mm" in _header(predicted / "mm" / "000000" / f"{level}.obj")
-    for name in ("deformation", "displacement"):
-        assert (folder / f"{name}.npy").is_file() and (folder / f"{name}.png").is_file()
+        assert "# units: model\n# mm_per_unit: 100\n" in _header(folder / f"{level}.obj")
+        mm_header = _header(predicted / "mm" / "000000" / f"{level}.obj")
+        assert "# units: mm\n" in mm_header and "per_unit" not in mm_header  # one statement of the unit
+    pngs = ["deformation_x.png", "deformation_y.png", "deformation_z.png", "displacement.png"]
+    assert all((folder / name).is_file() for name in ["deformation.npy", "displacement.npy", *pngs])
+    assert not (folder / "deformation.png").exists()
     sidecar = json.loads((folder / "maps.json").read_text())
     assert sidecar["units"].startswith("model") and "65535" in sidecar["png16_encoding"]
     assert json.loads((predicted / "mm" / "000000" / "maps.json").read_text())["units"] == "mm"
@@ -103,16 +105,37 @@ def test_meshes_match_the_forward_pass(predicted, tiny_wild, model):
     assert normals[:, 2].mean() > 0
 
 
-def test_png_maps_decode_to_the_npy_values(predicted):
+def _pillow(path):
+    with Image.open(path) as im:
+        return np.asarray(im)
+
+
+def _imageio(path):
+    return pytest.importorskip("imageio.v3").imread(path)
+
+
+def _opencv(path):
+    cv2 = pytest.importorskip("cv2")
+    return cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+
+
+@pytest.mark.parametrize("reader", [read_png16, _pillow, _imageio, _opencv])
+def test_png_maps_decode_to_the_npy_values_with_common_readers(predicted, reader):
+    """maps.json's formula applied to what an ordinary PNG reader returns gives the .npy values."""
     folder = predicted / "mm" / "000001"
     sidecar = json.loads((folder / "maps.json").read_text())
-    for name, channels in (("deformation", 3), ("displacement", 1)):
-        values = np.load(folder / f"{name}.npy").astype(np.float64)
-        pixels = read_png16(folder / f"{name}.png")
-        assert pixels.dtype == np.uint16
-        pixels = pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
-        scale = sidecar["maps"][name]["scale"]
-        assert_close(decode_png16(pixels, scale), values, atol=scale / 65535 + 1e-9)
+    assert "value = (png / 65535 * 2 - 1) * scale" in sidecar["png16_encoding"]
+    for name, channels in (("deformation", ["x", "y", "z"]), ("displacement", ["along the coarse normal"])):
+        entry = sidecar["maps"][name]
+        assert entry["channels"] == channels and len(entry["png"]) == len(channels)
+        values = np.load(folder / entry["npy"]).astype(np.float64)
+        assert list(values.shape) == entry["shape"]
+        for c, png in enumerate(entry["png"]):
+            pixels = reader(folder / png)
+            assert pixels.dtype == np.uint16 and pixels.shape == values.shape[1:]
+            decoded = (pixels / 65535 * 2 - 1) * entry["scale"]
+            assert_close(decoded, values[c], atol=entry["scale"] / 65535 + 1e-9, msg=f"{name} {png}")
+            assert np.ptp(pixels) > 256  # the full 16 bits are used, not an 8-bit image scaled up
 
 
 def test_png16_round_trip_agrees_with_pillow(tmp_path):
@@ -143,6 +166,52 @@ def test_pre_cropped_images_need_no_landmarks_and_bad_images_are_reported(tmp_pa
     assert "give --landmarks" in results["uncropped"].error
     assert "broken.png" in results["broken"].error
     assert not (tmp_path / "out" / "uncropped").exists()
+
+
+def test_landmark_files_with_a_visible_column_are_read(tmp_path, tiny_wild, model):
+    """facehd's landmarks68/cam<i>.txt form, "x y visible", gives the crop of the "x y" form; an
+    invisible point that the crop does not use may have no position (NaN)."""
+    lines = (tiny_wild / "landmarks" / "000000.txt").read_text().splitlines()
+    folder = tmp_path / "landmarks"
+    folder.mkdir()
+    (folder / "000000.txt").write_text("\n".join(["nan nan 0"] + [f"{line} 1" for line in lines[1:]]) + "\n")
+    image = tiny_wild / "images" / "000000.png"
+    three = predict(None, [image], tmp_path / "three", landmarks=folder, model=model)
+    two = predict(None, [image], tmp_path / "two", landmarks=tiny_wild / "landmarks", model=model)
+    assert three[0].error is None and two[0].error is None
+    a, b = np.load(tmp_path / "three" / "000000" / "coeffs.npz"), np.load(tmp_path / "two" / "000000" / "coeffs.npz")
+    np.testing.assert_array_equal(a["coeffs"], b["coeffs"])
+    np.testing.assert_array_equal(a["crop_transform"], b["crop_transform"])
+
+
+def _nan_nose(points):
+    rows = [f"{x} {y} 1" for x, y in points]
+    rows[30] = "nan nan 0"
+    return "\n".join(rows) + "\n"
+
+
+@pytest.mark.parametrize("name, text, problem", [
+    ("outside", lambda p: p + [500.0, 20.0], "68 of 68 landmarks lie outside the 96 x 96 image"),
+    ("one_point", lambda p: p * 0 + [40.0, 50.0], "all landmarks lie at one point (40.0, 50.0)"),
+    ("on_a_line", lambda p: np.column_stack([p[:, 0], 0.5 * p[:, 0] + 10]), "the landmarks lie on a line"),
+    ("nan_nose", _nan_nose, "line(s) 31 have no position (NaN)"),
+    ("nan_two_columns", lambda p: np.where(np.arange(68)[:, None] == 5, np.nan, p), "non-finite values"),
+])
+def test_landmarks_that_cannot_be_the_face_are_refused_naming_the_file(tmp_path, tiny_wild, model, name, text,
+                                                                      problem):
+    points = read_landmarks(tiny_wild / "landmarks" / "000002.txt")
+    folder, images = tmp_path / "landmarks", tmp_path / "images"
+    folder.mkdir()
+    images.mkdir()
+    shutil.copy(tiny_wild / "images" / "000002.png", images / f"{name}.png")
+    bad = text(points)
+    if isinstance(bad, str):
+        (folder / f"{name}.txt").write_text(bad)
+    else:
+        np.savetxt(folder / f"{name}.txt", bad, fmt="%.4f")
+    (result,) = predict(None, [images], tmp_path / "out", landmarks=folder, model=model)
+    assert result.error is not None and result.error.startswith(f"{folder / name}.txt: ") and problem in result.error
+    assert not (tmp_path / "out" / name).exists()
 
 
 def test_errors_name_what_to_do(tmp_path):
@@ -181,7 +250,7 @@ def test_cli_predict(tmp_path, tiny_wild, tiny_checkpoint):
                                   str(tiny_wild / "images" / "000003.png"), "--landmarks", str(tiny_wild / "landmarks"),
                                   "--out", str(tmp_path / "out"), "--units", "mm"])
     assert result.exit_code == 0, result.output
-    assert "1 of 1 images reconstructed (mm units)" in result.output
+    assert result.stdout.splitlines()[-1] == "1 of 1 images reconstructed (mm units)"
     assert "# units: mm" in _header(tmp_path / "out" / "000003" / "high.obj")
     missing = runner.invoke(main, ["predict", "--images", str(tiny_wild / "images"), "--out", str(tmp_path / "o2")])
     assert missing.exit_code == 1 and "hrn train" in missing.output

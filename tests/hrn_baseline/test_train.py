@@ -325,7 +325,9 @@ def test_cli_train(tmp_path, tiny_wild):
     path.write_text(config.to_yaml())
     result = CliRunner().invoke(main, ["train", "--config", str(path), "--out", str(tmp_path / "cli")])
     assert result.exit_code == 0, result.output
-    assert "trained steps 0..1" in result.output and (tmp_path / "cli" / "checkpoints" / "last.pt").is_file()
+    assert result.stdout.startswith("trained steps 0..1 ") and len(result.stdout.splitlines()) == 1
+    assert (tmp_path / "cli" / "checkpoints" / "last.pt").is_file()
+    assert "CPU threads: " in result.stderr  # the log goes to stderr, results to stdout
     again = CliRunner().invoke(main, ["train", "--config", str(path), "--out", str(tmp_path / "cli")])
     assert again.exit_code == 1 and "--resume" in again.output
 
