@@ -20,6 +20,7 @@ from facehd.capture import read_landmarks68
 from facehd.errors import FaceHDError, FileFormatError, InputError
 from facehd.fsutil import atomic_open, atomic_path
 from facehd.io import Mesh, save_mesh
+from facehd.landmarks_detect import photo_landmark_folders
 from facehd.morphable import split_coeffs
 from facehd.wild import IMAGE_SUFFIXES, read_image
 from hrn_baseline.checkpoints import model_from_checkpoint
@@ -367,6 +368,8 @@ def predict(checkpoint: str | Path | None, images: Sequence[str | Path], out: st
     duplicates = sorted({p.stem for p in paths if sum(q.stem == p.stem for q in paths) > 1})
     if duplicates:
         raise InputError(f"several images share the name(s) {', '.join(duplicates)}: outputs go to OUT/<name>/")
+    # without --landmarks: <stem>.txt beside a photo, else the face detector (pre-cropped images need none)
+    folders, problems = ({}, {}) if landmarks_dir else photo_landmark_folders(paths, out, model.image_size)
     chunks = [list(range(i, min(i + batch_size, len(paths)))) for i in range(0, len(paths), batch_size)]
     if progress is not None:
         chunks = progress(chunks, total=len(chunks), desc="hrn predict", unit="batch")
@@ -375,7 +378,10 @@ def predict(checkpoint: str | Path | None, images: Sequence[str | Path], out: st
         inputs = []
         for i in chunk:
             try:
-                inputs.append((i, prepare_input(paths[i], landmarks_dir, standard68, model.image_size)))
+                if paths[i] in problems:
+                    raise InputError(problems[paths[i]])
+                inputs.append((i, prepare_input(paths[i], folders.get(paths[i], landmarks_dir), standard68,
+                                                model.image_size)))
             except FaceHDError as exc:
                 results[i].error = str(exc)
         if not inputs:

@@ -155,7 +155,8 @@ def test_png16_round_trip_agrees_with_pillow(tmp_path):
     assert_close(decode_png16(pixels, scale), values, atol=scale / 65535)
 
 
-def test_pre_cropped_images_need_no_landmarks_and_bad_images_are_reported(tmp_path, tiny_wild, model):
+def test_pre_cropped_images_need_no_landmarks_and_bad_images_are_reported(tmp_path, tiny_wild, model, monkeypatch):
+    monkeypatch.setenv("FACEHD_DETECT_PYTHON", str(tmp_path / "no-detector" / "python"))  # as without --detect
     images = tmp_path / "images"
     images.mkdir()
     Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(images / "cropped.png")
