@@ -84,7 +84,9 @@ MODEL_CONFIG_HELP = ("For a public checkpoint: a YAML config whose model section
 @click.option("--landmarks", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder of <image stem>.txt files with 68 lines 'x y' or 'x y visible' (pixels; facehd's "
                    "landmarks68/cam<i>.txt form): images are aligned to the "
-                   "model's crop with them. Without it the images must be pre-cropped to the model's input size.")
+                   "model's crop with them. Without it: <stem>.txt beside each image, else landmarks from the face "
+                   "detector (bash scripts/setup.sh --detect; kept in OUT/detected_landmarks); images of the "
+                   "model's input size are taken as pre-cropped.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Output folder: one sub-folder per image.")
 @click.option("--units", type=click.Choice(["model", "mm"]), default="model", show_default=True,
