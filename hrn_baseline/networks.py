@@ -14,6 +14,7 @@ from torch import nn
 
 from facehd import conventions as cv
 from facehd.errors import FileFormatError, InputError
+from hrn_baseline.checkpoints import torch_load
 
 # --- base model (Deep3DFaceRecon `ReconNetWrapper`) -------------------------------------------
 # Output sizes of the seven 1x1 conv heads, in coefficient order: id, exp, tex, angle, gamma,
@@ -64,10 +65,7 @@ def load_weights(module: nn.Module, path: str | Path, *, what: str,
     path = Path(path)
     if not path.is_file():
         raise FileFormatError(path, f"no such weights file (expected {what})")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several unrelated types for corrupt or foreign files
-        raise FileFormatError(path, f"not a readable PyTorch state dict ({exc})") from exc
+    state = torch_load(path)
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):

@@ -82,6 +82,11 @@ def test_base_regressor_weight_errors_name_the_file(tmp_path):
         BaseRegressor("resnet18", backbone_weights=tmp_path / "absent.pth")
     with pytest.raises(InputError, match="unknown backbone"):
         BaseRegressor("vgg16")
+    not_weights = tmp_path / "config.yaml"
+    not_weights.write_text("model:\n  backbone: resnet50\n")
+    with pytest.raises(FileFormatError, match="config.yaml") as caught:
+        BaseRegressor("resnet18", backbone_weights=not_weights)
+    assert "\n" not in str(caught.value)  # one line, not PyTorch's weights_only explanation
 
 
 def test_base_regressor_rejects_bad_images():
