@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from facehd import conventions as cv
-from facehd.errors import FaceHDError, InputError
+from facehd.errors import FaceHDError, FileFormatError, InputError
 
 # MediaPipe Face Mesh index(es) of each iBUG point, in iBUG order (0-based here; iBUG numbers them
 # 1..68); two indices are averaged. After the mp2dlib table of the MP2D project. Left and right are
@@ -148,6 +148,23 @@ class LandmarkFile:
     path: Path
     status: str
     message: str = ""
+
+
+def image_files(paths: Sequence[str | Path]) -> list[Path]:
+    """Image files from files and folders (a folder contributes its .jpg / .jpeg / .png, sorted)."""
+    from facehd.wild import IMAGE_SUFFIXES
+
+    found = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found += sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise FileFormatError(path, "no such image file or folder")
+    if not found:
+        raise InputError(f"no images (.jpg, .jpeg, .png) in {', '.join(map(str, paths))}")
+    return found
 
 
 def write_detected_landmarks(images: Sequence[str | Path], out: str | Path, *, overwrite: bool = False,
