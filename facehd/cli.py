@@ -235,9 +235,11 @@ def gt_maps_command(root: Path, out: Path, model_path: Path | None, coeffs_dir: 
 
 def _register_commands() -> None:
     from facehd.cli_dataset import stats, validate
+    from facehd.cli_landmarks import landmarks
 
     main.add_command(validate)
     main.add_command(stats)
+    main.add_command(landmarks)
 
 
 _register_commands()
