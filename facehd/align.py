@@ -7,7 +7,6 @@ import contextlib
 import dataclasses
 import functools
 import json
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,10 +21,10 @@ from facehd import __version__
 from facehd import conventions as cv
 from facehd.batch import BatchReport, ItemResult, Progress, Shard, inputs_digest, run_item, run_resumable
 from facehd.capture import CAMERA_NAMES, CaptureRef, find_captures, read_cameras, read_landmarks7
-from facehd.dataset import ALIGN_JSON
+from facehd.dataset import ALIGN_JSON, GT_MAPS_DIR, capture_digest
 from facehd.distance import SurfaceIndex, as_points, face_normals_np, vertex_normals_np
 from facehd.errors import FaceHDError, FileFormatError, InputError
-from facehd.fsutil import atomic_open
+from facehd.fsutil import atomic_open, owned_temporary_folder, remove_stale_parts
 from facehd.icp import rigid_icp
 from facehd.masks import ModelMasks, ScanMask, model_masks, scan_mask
 from facehd.morphable import MorphableModel, compute_shape, load_morphable_model
@@ -297,8 +296,25 @@ def _icp(face_points_mm: np.ndarray, init: Similarity, shape: np.ndarray, faces:
     vertices, sub_faces = _face_submesh(shape, faces, masks)
     normals = vertex_normals_np(vertices, sub_faces)
     points = _subsample(face_points_mm, ICP_MAX_POINTS, np.random.default_rng(options.seed))
-    return rigid_icp(points, vertices, tgt_normals=normals, init=init,
-                     max_distances=[d * MM for d in options.icp_distances_mm], iterations=options.icp_iterations)
+    with _open3d_single_thread():
+        return rigid_icp(points, vertices, tgt_normals=normals, init=init,
+                         max_distances=[d * MM for d in options.icp_distances_mm], iterations=options.icp_iterations)
+
+
+@contextlib.contextmanager
+def _open3d_single_thread() -> Iterator[None]:
+    """open3d on one thread for the block. Its ICP sums the normal equations in parallel (TBB) in
+    an order that changes from run to run: the pose moved by ~1e-16 between two runs on the same
+    inputs, and the GT maps fitted to it by up to 1e-4 model units. One thread makes the same
+    inputs give the same bytes, whatever the machine's load or core count."""
+    import open3d as o3d
+
+    before = o3d.utility.get_max_threads()
+    o3d.utility.set_max_threads(1)
+    try:
+        yield
+    finally:
+        o3d.utility.set_max_threads(before)
 
 
 def _subsample(points: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
@@ -526,8 +542,9 @@ class ModelSource:
             return
         from facehd.synth.bfm import write_synth_bfm
 
-        with tempfile.TemporaryDirectory(prefix="facehd-model-") as tmp:
-            path = write_synth_bfm(Path(tmp) / "BFM_model_front.mat", self.resolution, self.builtin_seed)
+        # the folder names this process, so a later run removes it if this one is killed
+        with owned_temporary_folder(MODEL_FOLDER_PREFIX) as tmp:
+            path = write_synth_bfm(tmp / "BFM_model_front.mat", self.resolution, self.builtin_seed)
             yield ModelSource(path, self.resolution, self.builtin_seed)
 
     def load(self) -> MorphableModel:
@@ -542,11 +559,12 @@ class ModelSource:
 
 
 _MODELS: dict[str, MorphableModel] = {}
+MODEL_FOLDER_PREFIX = "facehd-model-"  # the built-in model's temporary folder: $TMPDIR/facehd-model-<host>-<pid>-*
 
 
 # --- one capture -------------------------------------------------------------------------------
 
-ALIGN_FORMAT_VERSION = 2  # bump when align.json's content or the method changes
+ALIGN_FORMAT_VERSION = 3  # bump when align.json's content or the method changes
 
 
 @dataclass(frozen=True)
@@ -616,12 +634,26 @@ def load_scan_inputs(ref: CaptureRef) -> tuple[np.ndarray, np.ndarray]:
 
 def align_capture(ref: CaptureRef, job: AlignJob) -> tuple[Alignment, bool]:
     """The capture's alignment: read from an up-to-date align.json, or computed and written.
-    Returns it and whether it was computed now."""
-    coeff_paths = capture_coeff_files(ref, job)
-    digest = align_digest(ref, job, coeff_paths)
+    Returns it and whether it was computed now. When it fails, an align.json that does not match
+    the current inputs (or whose inputs cannot be read) is removed, so no stale result stays
+    looking valid."""
     path = align_json_path(ref, job.out)
-    if not job.force and stored_digest(path) == digest:
-        return read_align_json(path)[0], False
+    digest = None
+    try:
+        coeff_paths = capture_coeff_files(ref, job)
+        digest = align_digest(ref, job, coeff_paths)
+        if not job.force and stored_digest(path) == digest:
+            return read_align_json(path)[0], False
+        return _compute_alignment(ref, job, coeff_paths, digest, path), True
+    except Exception:
+        if digest is None or stored_digest(path) != digest:
+            path.unlink(missing_ok=True)
+        raise
+
+
+def _compute_alignment(ref: CaptureRef, job: AlignJob, coeff_paths: dict[str, Path], digest: str,
+                       path: Path) -> Alignment:
+    inputs = capture_digest(ref.paths)  # before reading them: a file changed meanwhile shows as stale
     scan, landmarks = load_scan_inputs(ref)
     model = job.model.load()
     coeffs, source = mean_coeffs(coeff_paths) if coeff_paths else (None, "fit")
@@ -630,12 +662,13 @@ def align_capture(ref: CaptureRef, job: AlignJob) -> tuple[Alignment, bool]:
     extra = {
         "subject": ref.subject,
         "expression": ref.expression,
-        "inputs": {"digest": digest, "scan": str(ref.paths.scan), "landmarks7": str(ref.paths.landmarks7),
-                   "model": job.model.describe(), "options": job.options.to_dict()},
+        "inputs": {"digest": digest, "capture_digest": inputs, "scan": str(ref.paths.scan),
+                   "landmarks7": str(ref.paths.landmarks7), "model": job.model.describe(),
+                   "options": job.options.to_dict()},
         "facehd_version": __version__,
     }
     write_align_json(path, alignment, extra)
-    return alignment, True
+    return alignment
 
 
 def capture_name(ref: CaptureRef) -> str:
@@ -664,15 +697,31 @@ def align_dataset(root: str | Path, job: AlignJob, *, workers: int = 1, shard: S
     align.json; finished captures whose inputs are unchanged are skipped, and a capture that
     fails is reported in the returned `BatchReport` while the others go on."""
     refs = (shard or Shard()).select(dataset_captures(root, job.out))
+    remove_leftovers(refs, job.out)
     return run_resumable(refs, name=capture_name, up_to_date=functools.partial(align_up_to_date, job=job),
                          task=align_task, prepare=job.prepared, workers=workers, progress=progress,
                          on_result=on_result, desc="align")
 
 
 def dataset_captures(root: str | Path, out: str | Path) -> list[CaptureRef]:
-    """The dataset's captures, after checking that the outputs go beside the data, not into it."""
-    root, out = Path(root).resolve(), Path(out).resolve()
+    """The dataset's captures, after checking that the outputs go beside the data, not into it;
+    a root without any capture is an error (a mistyped or empty folder must not pass as done)."""
+    given = Path(root)
+    root, out = given.resolve(), Path(out).resolve()
     if out == root or root in out.parents and not out.relative_to(root).parts[0].startswith((".", "_")):
         raise InputError(f"--out {out} would write into the dataset {root}: derived products go beside the "
                          "data (another folder, or a '_' folder inside it such as ROOT/_derived)")
-    return find_captures(root)
+    captures = find_captures(root)
+    if not captures:
+        raise InputError(f"{given}: no captures found (expected <subject>/<expression>/ folders with scan.ply and "
+                         "landmarks7.txt)")
+    return captures
+
+
+def remove_leftovers(refs: list[CaptureRef], out: str | Path) -> None:
+    """Remove the temporary files that killed runs left in these captures' output folders
+    (`facehd.fsutil.remove_stale_parts`: only those whose process has ended)."""
+    for ref in refs:
+        folder = Path(out) / ref.subject / ref.expression
+        remove_stale_parts(folder)
+        remove_stale_parts(folder / GT_MAPS_DIR)

@@ -9,6 +9,9 @@ import hashlib
 import json
 import multiprocessing
 import os
+import signal
+import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -154,8 +157,12 @@ def run_batch(items: Sequence[T], task: Callable[[T], ItemResult], *, workers: i
     """Yield `task(item)` for every item, in completion order, with `workers` processes.
 
     `task` must be picklable (a module-level function or a functools.partial of one) and report
-    its own failures as results (`run_item`). With several workers each gets an equal share of the
-    CPU threads; processes are spawned, not forked (torch's thread pools do not survive a fork).
+    its own failures as results (`run_item`). Every item runs with one thread (torch, BLAS and
+    OpenMP; see `limit_threads`), in this process or a worker, so results do not depend on the
+    number of workers and workers do not compete for the cores. Processes are spawned, not forked
+    (torch's thread pools do not survive a fork). When the caller stops early (an exception, Ctrl-C
+    or SIGTERM in this process), items not started are cancelled and the workers are terminated
+    (each removes its temporary files first).
     """
     if workers < 1:
         raise InputError(f"workers must be at least 1, got {workers}")
@@ -165,15 +172,24 @@ def run_batch(items: Sequence[T], task: Callable[[T], ItemResult], *, workers: i
 
     if workers == 1 or len(items) <= 1:
         for item in wrap(items):
-            yield task(item)
+            with limit_threads(1):
+                result = task(item)
+            yield result
         return
-    threads = max(1, (os.cpu_count() or 1) // workers)
     context = multiprocessing.get_context("spawn")
-    # torch and BLAS size their thread pools from these variables when a worker imports them
-    with _thread_env(threads), ProcessPoolExecutor(min(workers, len(items)), mp_context=context) as pool:
-        futures = [pool.submit(task, item) for item in items]
+    pool = ProcessPoolExecutor(min(workers, len(items)), mp_context=context, initializer=_init_worker)
+    try:
+        # torch and BLAS size their thread pools from these variables when a worker imports them;
+        # the workers start at the first submit
+        with _thread_env(1):
+            futures = [pool.submit(_call_in_worker, task, item) for item in items]
         for future in wrap(as_completed(futures)):
             yield future.result()
+    except BaseException:
+        _terminate_workers(pool)
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def run_resumable(items: Sequence[T], *, name: Callable[[T], str], up_to_date: Callable[[T], bool],
@@ -191,18 +207,110 @@ def run_resumable(items: Sequence[T], *, name: Callable[[T], str], up_to_date: C
         if on_result is not None:
             on_result(result)
 
-    pending = []
-    for item in items:
-        if up_to_date(item):
-            record(ItemResult(name(item), "skipped"))
-        else:
-            pending.append(item)
-    if pending:
-        with prepare() as job:
-            for result in run_batch(pending, functools.partial(task, job), workers=workers, progress=progress,
-                                    desc=desc):
-                record(result)
+    with terminate_on_sigterm():
+        pending = []
+        for item in items:
+            if up_to_date(item):
+                record(ItemResult(name(item), "skipped"))
+            else:
+                pending.append(item)
+        if pending:
+            with prepare() as job:
+                for result in run_batch(pending, functools.partial(task, job), workers=workers, progress=progress,
+                                        desc=desc):
+                    record(result)
     return report
+
+
+# --- signals and threads -----------------------------------------------------------------------
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM as an exception: like Ctrl-C's KeyboardInterrupt, it unwinds the stack, so context
+    managers remove their temporary files and folders before the process ends."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated(f"terminated by signal {signum}")
+
+
+@contextlib.contextmanager
+def terminate_on_sigterm() -> Iterator[None]:
+    """Within the block, SIGTERM raises `Terminated` in the main thread instead of ending the
+    process at once (elsewhere than in the main thread this does nothing: Python handles signals
+    there only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+@contextlib.contextmanager
+def limit_threads(threads: int, *, open3d: bool = False) -> Iterator[None]:
+    """torch's thread pool and the BLAS / OpenMP libraries' (threadpoolctl) at `threads` within
+    the block, and with `open3d` also open3d's (TBB); libraries not yet imported are left alone.
+
+    The thread count changes results in the last bits (BLAS and torch split their sums by thread)
+    and several processes with all-core pools each slow one another down many times over."""
+    from threadpoolctl import threadpool_limits
+
+    torch = sys.modules.get("torch")
+    o3d = sys.modules.get("open3d") if open3d else None
+    torch_before = torch.get_num_threads() if torch is not None else None
+    o3d_before = o3d.utility.get_max_threads() if o3d is not None else None
+    if torch is not None:
+        torch.set_num_threads(threads)
+    if o3d is not None:
+        o3d.utility.set_max_threads(threads)
+    try:
+        with threadpool_limits(limits=threads):
+            yield
+    finally:
+        if torch is not None:
+            torch.set_num_threads(torch_before)
+        if o3d is not None:
+            o3d.utility.set_max_threads(o3d_before)
+
+
+_IN_TASK = False  # in a worker: whether it is running an item (SIGTERM then unwinds it)
+
+
+def _worker_sigterm(signum, frame):
+    if _IN_TASK:
+        raise Terminated(f"terminated by signal {signum}")
+    os._exit(128 + signum)
+
+
+def _init_worker() -> None:
+    """A worker leaves Ctrl-C to the parent, which terminates it; SIGTERM unwinds its item."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _worker_sigterm)
+
+
+def _call_in_worker(task: Callable[[T], ItemResult], item: T) -> ItemResult:
+    """Run one item in a worker with one thread; on SIGTERM, end the worker once the item's
+    context managers have cleaned up (the pool would otherwise go on with the next item)."""
+    global _IN_TASK
+    try:
+        _IN_TASK = True
+        with limit_threads(1, open3d=True):
+            return task(item)
+    except Terminated:
+        os._exit(128 + signal.SIGTERM)
+    finally:
+        _IN_TASK = False
+
+
+def _terminate_workers(pool: ProcessPoolExecutor) -> None:
+    """Send SIGTERM to the pool's live workers (see `_worker_sigterm`)."""
+    for future_process in list((getattr(pool, "_processes", None) or {}).values()):
+        with contextlib.suppress(Exception):
+            if future_process.is_alive():
+                future_process.terminate()
 
 
 _THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")

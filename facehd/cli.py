@@ -165,19 +165,29 @@ def _capture_batch_options(func):
 
 def _run_capture_batch(run, root: Path, job, workers: int, shard: str | None, what: str) -> None:
     """Run a dataset function with a progress bar, print failures as they happen and a summary;
-    exit status 1 when any capture failed."""
-    from facehd.batch import resolve_shard
+    exit status 1 when any capture failed, 128 + 15 when terminated by SIGTERM (after removing the
+    run's temporary files). Results go to stdout, the progress bar to stderr."""
+    import signal
+
+    from tqdm import tqdm
+
+    from facehd.batch import Terminated, resolve_shard
     from facehd.clitools import progress
     from facehd.validate import check_dataset_root
 
     def report_failure(result) -> None:
         if result.status == "failed":
-            click.echo(f"FAILED {result.name}: {result.message}", err=True)
+            with tqdm.external_write_mode():  # clears the progress bar, so the line stands alone
+                click.echo(f"FAILED {result.name}: {result.message}")
 
     check_dataset_root(root)
     resolved = resolve_shard(shard)
-    report = run(root, job, workers=workers, shard=resolved, on_result=report_failure,
-                 progress=lambda items, **kw: progress(items, unit="capture", **kw))
+    try:
+        report = run(root, job, workers=workers, shard=resolved, on_result=report_failure,
+                     progress=lambda items, **kw: progress(items, unit="capture", **kw))
+    except Terminated:
+        click.echo("terminated (temporary files removed; finished captures are kept)", err=True)
+        click.get_current_context().exit(128 + signal.SIGTERM)
     counts = report.counts()
     where = "" if resolved.count == 1 else f" (shard {resolved})"
     click.echo(f"{len(report.results)} captures{where}: {counts['done']} {what}, {counts['skipped']} up to date, "
@@ -205,7 +215,9 @@ def align_command(root: Path, out: Path, model_path: Path | None, coeffs_dir: Pa
     point-to-plane ICP on the scan's face region, and the coarse shape from --coeffs or fitted
     (id and exp). align.json holds the scan mm -> model units transform, ICP fitness and inlier
     RMSE (mm), per-landmark residuals (mm) and the coefficients. Finished captures whose inputs
-    are unchanged are skipped; a failing capture is reported and the rest go on (exit status 1).
+    are unchanged are skipped; a failing capture is reported (its align.json, if the inputs
+    changed since, is removed) and the rest go on (exit status 1). Results are the same bytes on
+    every run and for any --workers (each capture runs on one thread).
     """
     from facehd.align import align_dataset
 
@@ -225,7 +237,9 @@ def gt_maps_command(root: Path, out: Path, model_path: Path | None, coeffs_dir: 
     are fitted so the detailed surface matches the aligned scan with noisy regions masked (TV and
     L1 regularized). Maps are in model space: views with the same coefficients get the same maps.
     Each npz holds the maps, their valid masks, the coefficients and the fit residuals (mm). The
-    capture is aligned first when its align.json is missing or stale.
+    capture is aligned first when its align.json is missing or stale. A failing capture is
+    reported (its maps, if the inputs changed since, are removed) and the rest go on (exit
+    status 1). Results are the same bytes on every run and for any --workers.
     """
     from facehd.detail import GTJob, gt_maps_dataset
 

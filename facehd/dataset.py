@@ -4,6 +4,7 @@ ground-truth maps when given the derived-products folder), with subject-disjoint
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,12 +12,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from facehd.batch import inputs_digest
 from facehd.capture import (
     CAMERA_NAMES,
     N_VIEWS,
     SUBJECTS_CSV,
     Camera,
     Capture,
+    CapturePaths,
     CaptureRef,
     find_captures,
     load_capture,
@@ -84,6 +87,10 @@ class FaceHD100(Dataset):
         with load_scan, scan_vertices (N, 3) float32 mm and scan_faces (F, 3) int64;
         with derived, gt_maps (dict of (V, C, S, S) maps and masks plus ``present`` (V,) bool;
         zeros where a view has no file) and align (the align.json dict, or None).
+
+    Derived products written by `facehd align` / `facehd gt-maps` record the digest of the scan
+    and landmarks they were computed from (`capture_digest`); one whose capture has changed since
+    is refused with an error naming the file (rerun the command).
     """
 
     def __init__(
@@ -151,8 +158,8 @@ class FaceHD100(Dataset):
             item["scan_faces"] = torch.from_numpy(mesh.faces)
         if self.derived is not None:
             folder = self.derived / capture.subject / capture.expression
-            item["gt_maps"] = read_gt_maps(folder, self.view_names)
-            item["align"] = read_align(folder)
+            item["gt_maps"] = read_gt_maps(folder, self.view_names, capture=capture.paths)
+            item["align"] = read_align(folder, capture=capture.paths)
         return item
 
     def _image(self, capture: Capture, view: int) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -223,14 +230,49 @@ def _tensor(arrays) -> torch.Tensor:
 
 # --- derived products --------------------------------------------------------------------------
 
+# The key (npz) and field (align.json "inputs") holding `capture_digest`.
+CAPTURE_DIGEST_KEY = "capture_digest"
+CAPTURE_DIGEST_PARAMS = {"capture digest": 1}
+# (path, size, mtime) of each file -> digest: a training loop hashes each scan once, not every epoch
+_DIGESTS: dict[tuple, str] = {}
+MAX_CACHED_DIGESTS = 100_000
 
-def read_gt_maps(folder: str | Path, view_names: Sequence[str]) -> dict[str, torch.Tensor]:
+
+def capture_digest(paths: CapturePaths) -> str:
+    """SHA-256 of the capture files its derived products are computed from (scan.ply and
+    landmarks7.txt): `facehd align` and `facehd gt-maps` store it, and the loader refuses a
+    product whose capture no longer matches it. Errors name a missing or unreadable file."""
+    files = (paths.scan, paths.landmarks7)
+    try:
+        stats = [os.stat(path) for path in files]
+    except OSError:
+        return inputs_digest(files, CAPTURE_DIGEST_PARAMS)  # raises, naming the file
+    key = tuple((str(path), st.st_size, st.st_mtime_ns) for path, st in zip(files, stats))
+    if key not in _DIGESTS:
+        if len(_DIGESTS) >= MAX_CACHED_DIGESTS:
+            _DIGESTS.clear()
+        _DIGESTS[key] = inputs_digest(files, CAPTURE_DIGEST_PARAMS)
+    return _DIGESTS[key]
+
+
+def _check_capture_digest(path: Path, stored, capture: CapturePaths | None, tool: str) -> None:
+    """Refuse a derived product whose stored capture digest differs from the capture's files."""
+    if capture is None or stored is None:
+        return  # no capture to check against, or a product from elsewhere that records none
+    if str(stored) != capture_digest(capture):
+        raise FileFormatError(path, f"computed from another version of {capture.scan.name} or "
+                                    f"{capture.landmarks7.name} in {capture.directory}; rerun `facehd {tool}`")
+
+
+def read_gt_maps(folder: str | Path, view_names: Sequence[str], *,
+                 capture: CapturePaths | None = None) -> dict[str, torch.Tensor]:
     """Ground-truth maps of the given views from ``folder/gt_maps/<view>.npz``.
 
     Returns deformation (V, 3, 64, 64), displacement (V, 1, 256, 256), their masks
     ``deformation_mask`` (V, 1, 64, 64) and ``displacement_mask`` (V, 1, 256, 256) as float32
     0/1, and ``present`` (V,) bool; a view without a file has zero maps and masks and
-    ``present`` False. Other keys of the files are ignored.
+    ``present`` False. With ``capture``, a file whose `capture_digest` does not match that
+    capture's files is refused. Other keys of the files are ignored.
     """
     folder = Path(folder) / GT_MAPS_DIR
     out = {}
@@ -242,19 +284,20 @@ def read_gt_maps(folder: str | Path, view_names: Sequence[str]) -> dict[str, tor
         path = folder / f"{view}.npz"
         if not path.is_file():
             continue
-        for key, value in _read_gt_npz(path).items():
+        for key, value in _read_gt_npz(path, capture).items():
             out[key][v] = value
         present[v] = True
     out["present"] = present
     return out
 
 
-def _read_gt_npz(path: Path) -> dict[str, torch.Tensor]:
+def _read_gt_npz(path: Path, capture: CapturePaths | None = None) -> dict[str, torch.Tensor]:
     try:
         with np.load(path) as npz:
             data = {key: npz[key] for key in npz.files}
     except (OSError, ValueError) as exc:
         raise FileFormatError(path, f"cannot read ground-truth maps: {exc}") from None
+    _check_capture_digest(path, data.get(CAPTURE_DIGEST_KEY), capture, "gt-maps")
     out = {}
     for name, (channels, size) in GT_MAP_SHAPES.items():
         for key, shape in ((name, (channels, size, size)), (f"{name}_mask", (1, size, size))):
@@ -267,15 +310,20 @@ def _read_gt_npz(path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def read_align(folder: str | Path) -> dict | None:
-    """The capture's align.json (scan -> model similarity and fit quality), or None if absent."""
+def read_align(folder: str | Path, *, capture: CapturePaths | None = None) -> dict | None:
+    """The capture's align.json (scan -> model similarity and fit quality), or None if absent.
+    With ``capture``, one whose `capture_digest` does not match that capture's files is refused."""
     path = Path(folder) / ALIGN_JSON
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
+        record = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise FileFormatError(path, f"invalid JSON: {exc}") from None
+    inputs = record.get("inputs") if isinstance(record, dict) else None
+    stored = inputs.get(CAPTURE_DIGEST_KEY) if isinstance(inputs, dict) else None
+    _check_capture_digest(path, stored, capture, "align")
+    return record
 
 
 # --- batching ----------------------------------------------------------------------------------

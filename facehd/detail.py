@@ -29,10 +29,11 @@ from facehd.align import (
     load_scan_inputs,
     model_shape,
     read_coeffs,
+    remove_leftovers,
 )
 from facehd.batch import BatchReport, ItemResult, Progress, Shard, inputs_digest, run_item, run_resumable
 from facehd.capture import CaptureRef
-from facehd.dataset import GT_MAPS_DIR
+from facehd.dataset import CAPTURE_DIGEST_KEY, GT_MAPS_DIR, capture_digest
 from facehd.distance import SurfaceIndex, as_points, face_normals_np
 from facehd.errors import FaceHDError, InputError
 from facehd.fsutil import atomic_path
@@ -518,7 +519,7 @@ def compare_with_truth(model: MorphableModel, maps: GTMaps, scan_to_model, truth
 
 # --- files -------------------------------------------------------------------------------------
 
-GT_FORMAT_VERSION = 2  # bump when the npz content or the fitting method changes
+GT_FORMAT_VERSION = 3  # bump when the npz content or the fitting method changes
 PREVIEW_PNG = "preview.png"
 PREVIEW_RESIDUAL_MAX_MM = 0.2  # the residual heat map saturates here
 
@@ -623,12 +624,34 @@ def gt_up_to_date(ref: CaptureRef, job: GTJob) -> bool:
 def gt_maps_capture(ref: CaptureRef, job: GTJob) -> bool:
     """Fit and write one capture's maps (aligning it first when its align.json is missing or
     stale): gt_maps/<view>.npz for every view and preview.png of the first view's maps; False
-    when they were already up to date."""
-    if gt_up_to_date(ref, job):
-        return False
-    views = capture_views(ref)
-    coeff_paths = capture_coeff_files(ref, job.align)
-    digest = gt_digest(ref, job, views, coeff_paths)
+    when they were already up to date. When it fails, maps that do not match the current inputs
+    (or whose inputs cannot be read) are removed, so no stale map stays looking valid."""
+    digest = None
+    try:
+        if gt_up_to_date(ref, job):
+            return False
+        views = capture_views(ref)
+        coeff_paths = capture_coeff_files(ref, job.align)
+        digest = gt_digest(ref, job, views, coeff_paths)
+        _fit_capture(ref, job, views, coeff_paths, digest)
+        return True
+    except Exception:
+        _remove_stale_maps(gt_maps_folder(ref, job.align.out), digest)
+        raise
+
+
+def _remove_stale_maps(folder: Path, digest: str | None) -> None:
+    """Remove the npz files not written with `digest` (all of them when it is None), and the
+    preview with them."""
+    stale = [p for p in sorted(folder.glob("*.npz")) if digest is None or _npz_digest(p) != digest]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    if stale or digest is None:
+        (folder / PREVIEW_PNG).unlink(missing_ok=True)
+
+
+def _fit_capture(ref: CaptureRef, job: GTJob, views: list[str], coeff_paths: dict[str, Path], digest: str) -> None:
+    inputs = capture_digest(ref.paths)  # before reading them: a file changed meanwhile shows as stale
     alignment, _ = align_capture(ref, job.align)
     model = job.align.model.load()
     scan, _ = load_scan_inputs(ref)
@@ -640,6 +663,7 @@ def gt_maps_capture(ref: CaptureRef, job: GTJob) -> bool:
     per_view = _fit_views(model, alignment, kept, views, coeff_paths, job.options)
     extra = {
         "inputs_digest": np.str_(digest),
+        CAPTURE_DIGEST_KEY: np.str_(inputs),
         "scan_to_model": alignment.scan_to_model.as_matrix(),
         "units": np.str_(f"maps and coeffs in model units (1 unit = {cv.MM_PER_MODEL_UNIT:g} mm); residuals in mm"),
         "facehd_version": np.str_(__version__),
@@ -650,7 +674,6 @@ def gt_maps_capture(ref: CaptureRef, job: GTJob) -> bool:
     if job.preview:
         first, (maps, _) = next(iter(per_view.items()))
         write_preview(folder / PREVIEW_PNG, maps, f"{capture_name(ref)} ({first})")
-    return True
 
 
 def _fit_views(model: MorphableModel, alignment: Alignment, points: np.ndarray, views: list[str],
@@ -682,6 +705,7 @@ def gt_maps_dataset(root: str | Path, job: GTJob, *, workers: int = 1, shard: Sh
     <out>/<subject>/<expression>/gt_maps/<view>.npz and preview.png (and align.json where it is
     missing or stale); up-to-date captures are skipped, failures reported while the rest go on."""
     refs = (shard or Shard()).select(dataset_captures(root, job.align.out))
+    remove_leftovers(refs, job.align.out)
     return run_resumable(refs, name=capture_name, up_to_date=functools.partial(gt_up_to_date, job=job),
                          task=gt_maps_task, prepare=job.prepared, workers=workers, progress=progress,
                          on_result=on_result, desc="gt-maps")
