@@ -4,11 +4,27 @@
 #
 #   bash scripts/setup.sh            # runtime + dev tools (pytest, ruff)
 #   FACEHD_EXTRAS=dev,gpu bash scripts/setup.sh   # also nvdiffrast (needs CUDA and nvcc)
+#   bash scripts/setup.sh --detect   # also the face detector's own environment (.venv-detect,
+#                                    # scripts/setup_detect.sh) for photos without landmark files
 set -euo pipefail
+
+DETECT=0
+for arg in "$@"; do
+    case "$arg" in
+        --detect) DETECT=1 ;;
+        *) printf 'usage: bash scripts/setup.sh [--detect]\n' >&2; exit 2 ;;
+    esac
+done
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${FACEHD_VENV:-$ROOT/.venv}"
 EXTRAS="${FACEHD_EXTRAS:-dev}"
+# "detect" is not a pip extra (the detector needs numpy < 2, so it gets its own environment): it means --detect
+if [[ ",$EXTRAS," == *,detect,* ]]; then
+    DETECT=1
+    EXTRAS="$(tr ',' '\n' <<<"$EXTRAS" | { grep -vx detect || true; } | paste -sd, -)"
+    EXTRAS="${EXTRAS:-dev}"
+fi
 PYTHON="${PYTHON:-python3}"
 
 say() { printf '[facehd setup] %s\n' "$*" >&2; }
@@ -74,3 +90,6 @@ if ! "$VENV/bin/python" -c 'import open3d, torch, torchvision, pyrender' 2>/dev/
     exit 1
 fi
 say "ready: $VENV"
+if [ "$DETECT" = 1 ]; then
+    bash "$ROOT/scripts/setup_detect.sh"
+fi
