@@ -1,4 +1,4 @@
-"""The `hrn` command line: HRN training and prediction (single-view HRN; the multi-view MV-HRN is not built yet)."""
+"""The `hrn` command line: HRN training and prediction, and the multi-view MV-HRN fit (`hrn mv`)."""
 
 from __future__ import annotations
 
@@ -180,6 +180,63 @@ def evaluate(checkpoint: Path, folders: tuple[Path, ...], aligned: bool, baselin
         click.echo(f"FAILED {where}: {problem}")
     if result.failures:
         sys.exit(1)
+
+
+@main.command("mv")
+@click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Start from this model's per-view predictions (a `hrn train` checkpoint or HRN's epoch_10.pth); "
+                   "without it the fit starts from the mean face and the landmarks.")
+@click.option("--model-config", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="YAML whose model section names the morphable model and map sizes (default: SynthBFM, the "
+                   "paper's sizes).")
+@click.option("--config", "mv_config", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="MV-HRN settings (configs/mv_hrn.yaml: loss preset and weights, iterations, learning rate).")
+@click.option("--capture", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="One FaceHD-100 capture folder (images/, landmarks68/, cameras.json).")
+@click.option("--images", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="A folder of images of one person (uncalibrated).")
+@click.option("--landmarks", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="With --images: <image stem>.txt files of 68 lines 'x y' or 'x y visible'.")
+@click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="A FaceHD-100 root: every capture, into OUT/<subject>/<expression>/ (resumable).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Output folder.")
+@click.option("--iterations", type=click.IntRange(min=0), default=None, help="Fit iterations [default: config, 50].")
+@click.option("--lr", type=click.FloatRange(min=0), default=None, help="Adam learning rate [default: config, 1e-3].")
+@click.option("--device", default=None, help="auto, cpu, or a torch device string [default: config, auto].")
+@click.option("--uncalibrated", is_flag=True, help="Ignore cameras.json: one free pose per view (as upstream).")
+@click.option("--expression", default=None,
+              help="Expression of the fused mesh: zero, mean, or a view's name [default: config, zero].")
+@click.option("--views", default=None, help="Comma-separated camera names of a capture to use (default: all).")
+@click.option("--per-view", is_flag=True, help="Also write each view's own result under views/<name>/.")
+@click.option("--no-preview", is_flag=True, help="Skip preview.png.")
+@click.option("--units", type=click.Choice(["model", "mm"]), default="model", show_default=True,
+              help="Units of the meshes, maps and translations (1 model unit = 100 mm).")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="With --root: captures fitted in parallel (processes).")
+@click.option("--shard", default=None, metavar="K/N", help="With --root: only captures K, K+N, ... (0 <= K < N).")
+@click.option("--force", is_flag=True, help="With --root: refit captures whose results are up to date.")
+@reports_errors
+def mv(checkpoint, model_config, mv_config, capture, images, landmarks, root, out, iterations, lr, device,
+       uncalibrated, expression, views, per_view, no_preview, units, workers, shard, force):
+    """MV-HRN: fit the views of one person jointly (shared identity and deformation map; per view
+    expression, texture, lighting, pose and displacement map) and write one fused result in the
+    canonical pose (OUT/fused: coarse, mid and high OBJ with texture, maps, coefficients), the
+    preview sheet and mv.json. Views that cannot be used are reported and skipped; a capture needs
+    two usable views."""
+    from facehd.clitools import progress
+    from hrn_baseline.mv import load_mv_config
+    from hrn_baseline.mv_run import run_mv
+
+    sources = [name for name, value in (("--capture", capture), ("--images", images), ("--root", root)) if value]
+    if len(sources) != 1:
+        raise click.UsageError("give exactly one of --capture, --images or --root")
+    config = load_mv_config(mv_config, iterations=iterations, lr=lr, device=device, expression=expression,
+                            calibrated=False if uncalibrated else None)
+    code = run_mv(config, out, checkpoint=checkpoint, model_config=model_config, capture=capture, images=images,
+                  landmarks=landmarks, root=root, views=views, per_view=per_view, preview=not no_preview, units=units,
+                  workers=workers, shard=shard, force=force, progress=progress, echo=click.echo)
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":
