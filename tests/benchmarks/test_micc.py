@@ -326,6 +326,35 @@ def test_a_bad_first_prediction_is_reported_in_its_cell(synthetic_run, tmp_path,
     assert out.table(published=False).loc["mine", ("Cooperative", "n")] == SET_SUBJECTS - 1
 
 
+def test_the_default_protocol_is_the_released_one_and_the_note_says_so(synthetic_run):
+    _, result = synthetic_run
+    assert result.options.protocol == "released" and "Protocol: released" in result.note()
+    assert result.registrations and all(r.protocol == "released" and not r.flags for r in result.registrations)
+    assert all(r.coverage > micc.MIN_PLAUSIBLE_COVERAGE for r in result.registrations) and not result.warnings()
+    frame = result.per_subject_frame()
+    assert set(frame["protocol"]) == {"released"} and set(frame["frontal1_registration"]) == {"ok"}
+    assert "Protocol: robust" in micc.MiccOptions(protocol="robust").describe(100.0)
+
+
+def test_a_ground_truth_scan_cut_short_is_flagged(synthetic_run, tmp_path):
+    root, result = synthetic_run
+    layout = _layout(root)
+    gt = tmp_path / "gt"
+    shutil.copytree(layout.gt_dir / "subject_01", gt / "subject_01")
+    scan = next(s for s in micc.find_ground_truth(gt).scans["subject_01"] if s.scan == "frontal1")
+    from facehd.io import load_mesh
+
+    mesh = load_mesh(scan.mesh_path)  # as a file written row by row and cut short: only the top rows remain
+    height = mesh.vertices[mesh.faces].mean(axis=1)[:, 1]
+    _save(scan.mesh_path, mesh.vertices, mesh.faces[height > np.quantile(height, 0.7)])
+    out = micc.evaluate_micc(gt, {"truth": layout.predictions("truth-noise")}, result.template,
+                             cache_dir=tmp_path / "cache")
+    flagged = [line for line in out.warnings() if "frontal1" in line]
+    assert flagged and "covers only" in flagged[0] and str(scan.mesh_path) in flagged[0]
+    assert not any("frontal2" in line for line in out.warnings())
+    assert "covers only" in out.per_subject_frame()["frontal1_registration"].iloc[0]
+
+
 def test_cli_prints_published_and_evaluated_rows_in_every_format(synthetic_run, tmp_path):
     root, _ = synthetic_run
     base = ["--cache", str(root), "--synthetic-subjects", str(SET_SUBJECTS),
