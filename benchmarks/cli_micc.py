@@ -23,6 +23,9 @@ TITLE = "MICC Florence (HRN supplement Table 1): mean / std of the distance in m
 @click.option("--pred", "preds", multiple=True, metavar="NAME=DIR",
               help="A method's predictions: DIR/subject_XX/{Indoor-Cooperative,PTZ-Indoor,PTZ-Outdoor}.obj "
                    "on the template topology. Repeatable.")
+@click.option("--landmarks", "landmarks_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="A landmark tree mirroring --gt, e.g. GANFit's released MICC landmarks: "
+                   "DIR/subject_XX/Model/frontalN/obj/<timestamp>.ljson (menpo LJSON, 68 iBUG points in mm).")
 @click.option("--template", type=click.Path(dir_okay=False, path_type=Path),
               help="The predictions' template: BFM-layout model .mat, or a mesh with --template-keypoints.")
 @click.option("--template-keypoints", type=click.Path(dir_okay=False, path_type=Path),
@@ -48,7 +51,7 @@ TITLE = "MICC Florence (HRN supplement Table 1): mean / std of the distance in m
 @click.option("--synthetic-resolution", type=click.IntRange(min=16), default=None,
               help="SynthBFM grid rows of the synthetic default's template [default: 48, 2,352 vertices].")
 @click.option("--no-published", is_flag=True, help="Leave the published rows out of the table.")
-def micc_command(gt_dir, preds, template, template_keypoints, fmt, per_subject, direction, metric, protocol, units,
+def micc_command(gt_dir, preds, landmarks_dir, template, template_keypoints, fmt, per_subject, direction, metric, protocol, units,
                  plots_dir,
                  cache_root, workers, synthetic_subjects, synthetic_resolution, no_published):
     """Evaluate reconstructions on MICC Florence and print Table 1 beside the published rows.
@@ -61,7 +64,8 @@ def micc_command(gt_dir, preds, template, template_keypoints, fmt, per_subject, 
         result = run_micc(gt_dir, parse_preds(preds), template, template_keypoints=template_keypoints,
                           options=MiccOptions(direction=direction, metric=metric, units=units, protocol=protocol),
                           cache_root=cache_root, workers=workers, progress=progress,
-                          synthetic_subjects=synthetic_subjects, synthetic_resolution=synthetic_resolution)
+                          synthetic_subjects=synthetic_subjects, synthetic_resolution=synthetic_resolution,
+                          landmarks_dir=landmarks_dir)
     except FaceHDError as exc:
         raise click.ClickException(str(exc)) from exc
     finally:

@@ -73,6 +73,7 @@ NICP_MAX_DISTANCE_MM = 20.0
 _SUBJECT_DIR = re.compile(r"^subject_?(\d+)$", re.IGNORECASE)
 _SCAN_TAG = re.compile(r"frontal([12])(?!\d)", re.IGNORECASE)
 _LANDMARK_SUFFIXES = (".txt", ".npy")
+LJSON_SUFFIX = ".ljson"  # menpo's landmark JSON
 
 
 class PredictionUnitsError(InputError):
@@ -349,25 +350,37 @@ def _subject_name(number: int) -> str:
     return f"subject_{number:02d}"
 
 
-def _landmarks_for(mesh: Path, subject_dir: Path, tag: str) -> Path | None:
-    candidates = [mesh.with_name(f"{mesh.stem}_landmarks{s}") for s in _LANDMARK_SUFFIXES]
+def _landmarks_for(mesh: Path, subject_dir: Path, tag: str, tree: tuple[Path, Path] | None) -> Path | None:
+    candidates = []
+    if tree is not None:  # (gt root, landmark tree): the mesh's path mirrored, as GANFit's MICC_landmarks
+        rel = mesh.relative_to(tree[0]).with_suffix(LJSON_SUFFIX)
+        candidates += [tree[1] / rel, tree[1] / rel.parent.parent / "obj" / rel.name]
+    candidates += [mesh.with_name(f"{mesh.stem}_landmarks{s}") for s in _LANDMARK_SUFFIXES]
     candidates += [subject_dir / f"{tag}_landmarks{s}" for s in _LANDMARK_SUFFIXES]
     return next((c for c in candidates if c.is_file()), None)
 
 
-def find_ground_truth(gt_dir: str | Path) -> GroundTruthIndex:
+def find_ground_truth(gt_dir: str | Path, *, landmarks_dir: str | Path | None = None) -> GroundTruthIndex:
     """Find the frontal scans of a MICC Florence copy.
 
     Subjects are folders `subject_XX` directly under `gt_dir`. A scan is any mesh file
     (.obj, .ply, .wrl, .vrml) anywhere below the subject folder whose path contains `frontal1` or
     `frontal2` (e.g. `subject_01/Model/frontal1/obj/110920150452.obj`); when one scan has several
     files (the real data ships .obj and .wrl copies) the first suffix in that order is used.
-    Landmarks: `<mesh stem>_landmarks.txt|.npy` beside the mesh, else
-    `subject_XX/frontal1_landmarks.txt|.npy`: 68 x 3 in the scan's units, iBUG order.
+    Landmarks: with `landmarks_dir`, a tree beside the data that mirrors it (GANFit's released
+    MICC landmarks: `<landmarks_dir>/subject_XX/Model/frontalN/obj/<timestamp>.ljson`, menpo's
+    LJSON, see `read_landmarks`); else (or where the tree has no file) `<mesh stem>_landmarks.txt|.npy`
+    beside the mesh, else `subject_XX/frontal1_landmarks.txt|.npy`: 68 x 3 in the scan's units, iBUG
+    order.
     """
     root = Path(gt_dir)
     if not root.is_dir():
         raise InputError(f"{root}: ground-truth directory does not exist")
+    tree = None
+    if landmarks_dir is not None:
+        if not Path(landmarks_dir).is_dir():
+            raise InputError(f"{landmarks_dir}: landmark directory does not exist")
+        tree = (root, Path(landmarks_dir))
     scans: dict[str, tuple[GroundTruthScan, ...]] = {}
     problems: list[str] = []
     for sub in sorted(root.iterdir()):
@@ -394,7 +407,7 @@ def find_ground_truth(gt_dir: str | Path) -> GroundTruthIndex:
                 problems.append(f"{name} {tag}: several {suffix} scans ({', '.join(str(f) for f in chosen)}); "
                                 "keep one")
                 continue
-            found.append(GroundTruthScan(name, number, tag, chosen[0], _landmarks_for(chosen[0], sub, tag)))
+            found.append(GroundTruthScan(name, number, tag, chosen[0], _landmarks_for(chosen[0], sub, tag, tree)))
         if found:
             scans[name] = tuple(found)
         else:
@@ -404,11 +417,50 @@ def find_ground_truth(gt_dir: str | Path) -> GroundTruthIndex:
     return GroundTruthIndex(root, scans, tuple(problems))
 
 
-def read_landmarks(path: str | Path) -> np.ndarray:
-    """(68, 3) landmarks from a .txt (68 rows of x y z, '#' comments, spaces or commas) or .npy file."""
+def read_ljson(path: str | Path) -> np.ndarray:
+    """(P, 3) points of a menpo LJSON file (version 3: `{"version": 3, "groups": {NAME: {"landmarks":
+    {"points": [[x, y, z], ...], "connectivity": [...]}, "labels": [...]}}}`; the group "LJSON", or
+    the only group). Version 2 (`{"version": 2, "landmarks": {"points": ...}}`) is read too."""
+    import json
+
     path = Path(path)
     try:
-        if path.suffix.lower() == ".npy":
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise FileFormatError(path, f"cannot read LJSON landmarks ({exc})") from exc
+    version = data.get("version") if isinstance(data, dict) else None
+    if version == 3:
+        groups = data.get("groups")
+        if not isinstance(groups, dict) or not groups:
+            raise FileFormatError(path, "LJSON version 3 without landmark groups")
+        if "LJSON" in groups:
+            group = groups["LJSON"]
+        elif len(groups) == 1:
+            group = next(iter(groups.values()))
+        else:
+            raise FileFormatError(path, f"several LJSON groups ({', '.join(groups)}) and none named LJSON")
+        landmarks = group.get("landmarks") if isinstance(group, dict) else None
+    elif version == 2:
+        landmarks = data.get("landmarks")
+    else:
+        raise FileFormatError(path, f"unsupported LJSON version {version!r} (expected 3 or 2)")
+    points = landmarks.get("points") if isinstance(landmarks, dict) else None
+    if not isinstance(points, list) or any(p is None or (isinstance(p, list) and None in p) for p in points):
+        raise FileFormatError(path, "LJSON landmarks without points, or with missing (null) points")
+    try:
+        return np.asarray(points, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise FileFormatError(path, f"LJSON points are not numbers ({exc})") from exc
+
+
+def read_landmarks(path: str | Path) -> np.ndarray:
+    """(68, 3) landmarks from a .txt (68 rows of x y z, '#' comments, spaces or commas), .npy or
+    menpo .ljson file (`read_ljson`)."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() == LJSON_SUFFIX:
+            values = read_ljson(path)
+        elif path.suffix.lower() == ".npy":
             values = np.load(path)
         else:
             values = np.loadtxt(path.read_text().replace(",", " ").splitlines(), comments="#", ndmin=2)
@@ -993,14 +1045,16 @@ def register_scans(scans: list[GroundTruthScan], template: Template, *, protocol
     """Register every scan (protocol step 1); each result is a RegisteredScan or an error message.
 
     Cached registrations are read in this process; the others are computed in `workers` spawned
-    processes (at least one, so they run with single-threaded BLAS) and cached.
+    processes (at least one, so they run with single-threaded BLAS) and cached; the cache's
+    index (`write_registration_index`) maps each scan file to its cache file.
     """
     cache = None if cache_dir is None else Path(cache_dir)
     results: list[RegisteredScan | str | None] = [None] * len(scans)
+    keys: list[str | None] = [None] * len(scans)
     todo: list[tuple[int, str]] = []
     for i, scan in enumerate(scans):
         try:
-            key = registration_key(scan, template, protocol)
+            key = keys[i] = registration_key(scan, template, protocol)
         except FaceHDError as exc:
             results[i] = f"{scan.subject} {scan.scan}: {exc}"
             continue
@@ -1014,7 +1068,36 @@ def register_scans(scans: list[GroundTruthScan], template: Template, *, protocol
                 results[i] = future.result()
                 if progress:
                     progress("registering ground truth", done, len(todo))
+    if cache is not None:
+        write_registration_index(cache, [(r, keys[i]) for i, r in enumerate(results) if isinstance(r, RegisteredScan)])
     return results
+
+
+REGISTRATION_INDEX = "index.json"
+
+
+def write_registration_index(cache_dir: str | Path, entries: Iterable[tuple[RegisteredScan, str]]) -> Path:
+    """Add (scan, cache key) pairs to `<cache_dir>/index.json`: {scan file (absolute): {"cache": file name,
+    "subject", "scan", "landmarks", "protocol", "landmark_rms_mm", "surface_mean_mm", "coverage",
+    "flags"}}, so a registration can be found and inspected. Entries of other scans are kept."""
+    import json
+
+    path = Path(cache_dir) / REGISTRATION_INDEX
+    try:
+        index = json.loads(path.read_text())
+        index = index if isinstance(index, dict) else {}
+    except (OSError, ValueError):
+        index = {}  # absent or unreadable: rebuilt from this run
+    for r, key in entries:
+        index[str(r.scan.mesh_path.resolve())] = {
+            "cache": f"{key}.npz", "subject": r.scan.subject, "scan": r.scan.scan,
+            "landmarks": str(r.scan.landmarks_path.resolve()) if r.scan.landmarks_path else None,
+            "protocol": r.protocol, "landmark_rms_mm": r.landmark_rms_mm, "surface_mean_mm": r.surface_mean_mm,
+            "coverage": r.coverage, "flags": list(r.flags)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(json.dumps(index, indent=1, sort_keys=True))
+    return path
 
 
 @dataclass(frozen=True, eq=False)
@@ -1117,18 +1200,19 @@ def _check_units_early(paths: Iterable[Path], template: Template, units: str) ->
 def evaluate_micc(gt_dir: str | Path, predictions: Mapping[str, str | Path], template: Template, *,
                   options: MiccOptions | None = None, cache_dir: str | Path | None = None, workers: int = 1,
                   progress: Callable[[str, int, int], None] | None = None, subjects: Iterable[str] | None = None,
-                  synthetic: bool = False) -> MiccResult:
+                  synthetic: bool = False, landmarks_dir: str | Path | None = None) -> MiccResult:
     """Evaluate each prediction directory (method name -> `<pred>` with subject_XX/<setting>.obj)
     against the MICC ground truth under `gt_dir`.
 
     Registrations are cached under `cache_dir` (None: not cached). A missing prediction or a
     failed item is recorded (status "missing" / "error") and left out of the averages, never
     silently; a prediction in the wrong units raises `PredictionUnitsError` (the run is refused).
+    `landmarks_dir`: a landmark tree mirroring `gt_dir` (`find_ground_truth`).
     `progress(stage, done, total)` is called as registrations and subjects finish. `subjects`
     (names like "subject_01") restricts the run; `workers` > 1 uses that many processes.
     """
     options = options or MiccOptions()
-    gt = find_ground_truth(gt_dir)
+    gt = find_ground_truth(gt_dir, landmarks_dir=landmarks_dir)
     wanted = set(subjects) if subjects is not None else None
     names = [s for s in gt.scans if wanted is None or s in wanted]
     found = {method: find_predictions(path) for method, path in predictions.items()}
@@ -1161,11 +1245,13 @@ def run_micc(gt_dir: str | Path | None = None, predictions: Mapping[str, str | P
              template: str | Path | None = None, *, template_keypoints: str | Path | None = None,
              options: MiccOptions | None = None, cache_root: str | Path | None = None, workers: int = 1,
              progress: Callable[[str, int, int], None] | None = None,
-             synthetic_subjects: int | None = None, synthetic_resolution: int | None = None) -> MiccResult:
+             synthetic_subjects: int | None = None, synthetic_resolution: int | None = None,
+             landmarks_dir: str | Path | None = None) -> MiccResult:
     """Evaluate predictions on MICC, or with no data arguments the synthetic default.
 
     Real data needs `gt_dir`, at least one prediction directory and the `template` (model .mat,
-    or a mesh with `template_keypoints`). With none of them, the synthetic benchmark (generated
+    or a mesh with `template_keypoints`); `landmarks_dir` is a landmark tree beside it
+    (`find_ground_truth`). With none of them, the synthetic benchmark (generated
     once under `<cache_root>/synthetic-micc-v1`, `synthetic_subjects` subjects (default 53) of a
     SynthBFM with `synthetic_resolution` grid rows (default 48)) and its reference methods are
     evaluated. Registrations are cached under
@@ -1175,7 +1261,7 @@ def run_micc(gt_dir: str | Path | None = None, predictions: Mapping[str, str | P
 
     root = Path(cache_root) if cache_root is not None else synthetic.default_cache_root()
     predictions = dict(predictions or {})
-    if gt_dir is None and not predictions and template is None:
+    if gt_dir is None and not predictions and template is None and landmarks_dir is None:
         n = synthetic.MICC_N_SUBJECTS if synthetic_subjects is None else synthetic_subjects
         resolution = synthetic.DEFAULT_RESOLUTION if synthetic_resolution is None else synthetic_resolution
         layout = synthetic.SyntheticMicc(synthetic.ensure_synthetic_micc(
@@ -1194,4 +1280,4 @@ def run_micc(gt_dir: str | Path | None = None, predictions: Mapping[str, str | P
         is_synthetic = False
     loaded = load_template(template, keypoints=template_keypoints)
     return evaluate_micc(gt_dir, predictions, loaded, options=options, cache_dir=root / "micc-registration",
-                         workers=workers, progress=progress, synthetic=is_synthetic)
+                         workers=workers, progress=progress, synthetic=is_synthetic, landmarks_dir=landmarks_dir)

@@ -229,6 +229,47 @@ def test_find_ground_truth_accepts_the_real_layout(tmp_path, template, face):
     assert any("subject_08" in p for p in index.problems)
 
 
+def _write_ljson(path, points):
+    """menpo's LJSON version 3 with the iBUG 68 labels (written by the test, in that format)."""
+    labels = {"chin": range(0, 17), "leyebrow": range(17, 22), "reyebrow": range(22, 27), "nose": range(27, 36),
+              "leye": range(36, 42), "reye": range(42, 48), "mouth": range(48, 68)}
+    data = {"version": 3, "groups": {"LJSON": {
+        "landmarks": {"points": np.asarray(points).tolist(), "connectivity": [[i, i + 1] for i in range(16)]},
+        "labels": [{"label": k, "mask": list(v)} for k, v in labels.items()]}}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_the_real_micc_layout_and_a_ganfit_landmark_tree(tmp_path, template, face):
+    gt, tree = tmp_path / "MICC", tmp_path / "MICC_landmarks"
+    for tag, stamp in (("frontal1", "110920150452"), ("frontal2", "110920150617")):
+        model = gt / "subject_07" / "Model" / tag
+        _save(model / "obj" / f"{stamp}.obj", face, template.faces)
+        (model / "vrml").mkdir(parents=True)
+        (model / "vrml" / f"{stamp}.wrl").write_text("#VRML V2.0 utf8\n")  # the copy: never read
+        _write_ljson(tree / "subject_07" / "Model" / tag / "obj" / f"{stamp}.ljson", face[template.keypoints] * 100)
+    scans = micc.find_ground_truth(gt, landmarks_dir=tree).scans["subject_07"]
+    assert [(s.scan, s.mesh_path.name) for s in scans] == [("frontal1", "110920150452.obj"),
+                                                          ("frontal2", "110920150617.obj")]
+    assert scans[1].landmarks_path == tree / "subject_07/Model/frontal2/obj/110920150617.ljson"
+    assert_close(micc.read_landmarks(scans[0].landmarks_path), face[template.keypoints] * 100, atol=1e-12)
+    assert micc.find_ground_truth(gt).scans["subject_07"][0].landmarks_path is None  # no tree, no landmarks
+    bad = _write_ljson(tmp_path / "bad.ljson", face[template.keypoints][:60])
+    with pytest.raises(FileFormatError, match="68 x 3"):
+        micc.read_landmarks(bad)
+    missing = json.loads(_write_ljson(tmp_path / "m.ljson", face[template.keypoints]).read_text())
+    missing["groups"]["LJSON"]["landmarks"]["points"][30] = [None, None, None]
+    (tmp_path / "m.ljson").write_text(json.dumps(missing))
+    with pytest.raises(FileFormatError, match="missing"):
+        micc.read_landmarks(tmp_path / "m.ljson")
+    (tmp_path / "v1.ljson").write_text('{"version": 1}')
+    with pytest.raises(FileFormatError, match="version"):
+        micc.read_landmarks(tmp_path / "v1.ljson")
+    with pytest.raises(InputError, match="landmark directory"):
+        micc.find_ground_truth(gt, landmarks_dir=tmp_path / "nowhere")
+
+
 # --- a tiny synthetic benchmark, end to end ----------------------------------------------------
 
 
@@ -277,6 +318,17 @@ def test_registration_recovers_the_ground_truth(synthetic_run):
         truth = make_subject(model, 1).truth_model
         assert micc.micc_score(registered.vertices, truth, t.faces, nose_index=t.nose_tip).score_mm < 0.3
         assert 0.005 < registered.landmark_scale < 0.02  # template units per scan mm
+
+
+def test_the_registration_cache_has_an_index(synthetic_run):
+    root, result = synthetic_run
+    cache = root / "micc-registration"
+    index = json.loads((cache / micc.REGISTRATION_INDEX).read_text())
+    for r in result.registrations:
+        entry = index[str(r.scan.mesh_path.resolve())]
+        assert entry["subject"] == r.scan.subject and entry["scan"] == r.scan.scan and entry["flags"] == []
+        with np.load(cache / entry["cache"]) as data:
+            assert np.array_equal(data["vertices"], r.vertices)
 
 
 def test_missing_predictions_are_reported_not_averaged(synthetic_run, tmp_path):
