@@ -29,6 +29,7 @@ from facehd.icp import rigid_icp
 from facehd.masks import ModelMasks, ScanMask, model_masks, scan_mask
 from facehd.morphable import MorphableModel, compute_shape, load_morphable_model
 from facehd.procrustes import Similarity, check_landmark_fit, fit_similarity
+from facehd.uv import read_uv_file
 
 MM = 1.0 / cv.MM_PER_MODEL_UNIT  # model units per millimetre
 
@@ -509,14 +510,37 @@ class ModelSource:
     path: Path | None = None
     builtin_resolution: int = 0  # set for the built-in model (0: from facehd.synth.bfm's default)
     builtin_seed: int = 0
+    uv_path: Path | None = None  # (N, 2) .npy of per-vertex UVs for a model file without them (BFM09)
 
     def digest_files(self) -> list[Path]:
-        return [] if self.is_builtin else [self.path]
+        return ([] if self.is_builtin else [self.path]) + ([] if self.uv_path is None else [self.uv_path])
 
     def digest_params(self) -> dict:
         if self.is_builtin:
             return {"model": "SynthBFM", "resolution": self.resolution, "seed": self.builtin_seed}
         return {"model": "file"}
+
+    def check(self, *, need_uv: bool) -> None:
+        """Refuse, before any capture is processed, a UV file whose vertex count is not the model
+        file's, or (with `need_uv`) a model file that has no UVs and no UV file to supply them.
+        Reads only the model file's mean shape and field names."""
+        if self.is_builtin:
+            if self.uv_path is not None:
+                read_uv_file(self.uv_path, self.load().n_vertices)
+            return
+        try:
+            fields = {name for name, _, _ in scipy.io.whosmat(str(self.path))}
+            meanshape = scipy.io.loadmat(str(self.path), variable_names=["meanshape"]).get("meanshape")
+        except Exception as exc:  # scipy raises several unrelated types for corrupt files
+            raise FileFormatError(self.path, f"not a readable MATLAB .mat file ({exc})") from None
+        if meanshape is None:
+            raise FileFormatError(self.path, "no field 'meanshape': not a BFM_model_front.mat layout")
+        if self.uv_path is not None:
+            read_uv_file(self.uv_path, meanshape.size // 3)
+        elif need_uv and "uv" not in fields:
+            raise FileFormatError(self.path, "the model has no per-vertex UVs (no 'uv' field, as in BFM09's "
+                                             "BFM_model_front.mat): pass --uv FILE, an (N, 2) .npy of UVs such as "
+                                             "HRN's bfm_uvs2.npy")
 
     @property
     def is_builtin(self) -> bool:
@@ -545,16 +569,21 @@ class ModelSource:
         # the folder names this process, so a later run removes it if this one is killed
         with owned_temporary_folder(MODEL_FOLDER_PREFIX) as tmp:
             path = write_synth_bfm(tmp / "BFM_model_front.mat", self.resolution, self.builtin_seed)
-            yield ModelSource(path, self.resolution, self.builtin_seed)
+            yield ModelSource(path, self.resolution, self.builtin_seed, self.uv_path)
 
     def load(self) -> MorphableModel:
         """The model in float64, loaded (or for the built-in one without a file, generated) once
         per process."""
         key = f"SynthBFM:{self.resolution}:{self.builtin_seed}" if self.path is None else str(Path(self.path).resolve())
+        key += "" if self.uv_path is None else f"+uv:{Path(self.uv_path).resolve()}"
         if key not in _MODELS:
             _MODELS.clear()  # one model per process at a time
             with self.materialized() as source:
-                _MODELS[key] = load_morphable_model(source.path, dtype=torch.float64)
+                model = load_morphable_model(source.path, dtype=torch.float64)
+            if self.uv_path is not None:
+                uv = torch.as_tensor(read_uv_file(self.uv_path, model.n_vertices), dtype=torch.float64)
+                model = dataclasses.replace(model, uv=uv)
+            _MODELS[key] = model
         return _MODELS[key]
 
 
@@ -696,6 +725,7 @@ def align_dataset(root: str | Path, job: AlignJob, *, workers: int = 1, shard: S
     """Align every capture of a dataset (this shard of them), writing <out>/<subject>/<expression>/
     align.json; finished captures whose inputs are unchanged are skipped, and a capture that
     fails is reported in the returned `BatchReport` while the others go on."""
+    job.model.check(need_uv=False)
     refs = (shard or Shard()).select(dataset_captures(root, job.out))
     remove_leftovers(refs, job.out)
     return run_resumable(refs, name=capture_name, up_to_date=functools.partial(align_up_to_date, job=job),

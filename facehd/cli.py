@@ -145,6 +145,9 @@ def _capture_batch_options(func):
         click.option("--model", "model_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
                      default=None, help="Morphable model (BFM_model_front.mat layout) [default: the built-in "
                                         "SynthBFM, as `facehd synth facehd` uses]."),
+        click.option("--uv", "uv_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                     help="Per-vertex UVs, an (N, 2) .npy, for a model file without a 'uv' field (BFM09's "
+                          "BFM_model_front.mat; HRN ships bfm_uvs2.npy). Checked against the model first."),
         click.option("--coeffs", "coeffs_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
                      default=None, help="Coefficient files (257 values; .npz key `coeffs` or Deep3DFaceRecon .mat): "
                                         "DIR/<subject>/<expression>/cam<i>.npz|.mat per image, or one .npz|.mat "
@@ -197,18 +200,19 @@ def _run_capture_batch(run, root: Path, job, workers: int, shard: str | None, wh
         click.get_current_context().exit(1)
 
 
-def _align_job(out: Path, model_path: Path | None, coeffs_dir: Path | None, scale: str, force: bool):
+def _align_job(out: Path, model_path: Path | None, uv_path: Path | None, coeffs_dir: Path | None, scale: str,
+               force: bool):
     from facehd.align import AlignJob, AlignOptions, ModelSource
 
-    return AlignJob(out=out, model=ModelSource(model_path), coeffs_dir=coeffs_dir,
+    return AlignJob(out=out, model=ModelSource(model_path, uv_path=uv_path), coeffs_dir=coeffs_dir,
                     options=AlignOptions(scale=scale), force=force)
 
 
 @main.command("align")
 @_capture_batch_options
 @reports_errors
-def align_command(root: Path, out: Path, model_path: Path | None, coeffs_dir: Path | None, scale: str,
-                  workers: int, shard: str | None, force: bool):
+def align_command(root: Path, out: Path, model_path: Path | None, uv_path: Path | None, coeffs_dir: Path | None,
+                  scale: str, workers: int, shard: str | None, force: bool):
     """Align every capture's scan to the morphable model: OUT/<subject>/<expression>/align.json.
 
     A similarity from the 7 landmark pairs (checked: mirrored, degenerate, too bad, not mm), rigid
@@ -221,7 +225,7 @@ def align_command(root: Path, out: Path, model_path: Path | None, coeffs_dir: Pa
     """
     from facehd.align import align_dataset
 
-    _run_capture_batch(align_dataset, root, _align_job(out, model_path, coeffs_dir, scale, force), workers,
+    _run_capture_batch(align_dataset, root, _align_job(out, model_path, uv_path, coeffs_dir, scale, force), workers,
                        shard, "aligned")
 
 
@@ -229,8 +233,8 @@ def align_command(root: Path, out: Path, model_path: Path | None, coeffs_dir: Pa
 @_capture_batch_options
 @click.option("--no-preview", is_flag=True, help="Skip the preview PNG.")
 @reports_errors
-def gt_maps_command(root: Path, out: Path, model_path: Path | None, coeffs_dir: Path | None, scale: str,
-                    workers: int, shard: str | None, force: bool, no_preview: bool):
+def gt_maps_command(root: Path, out: Path, model_path: Path | None, uv_path: Path | None, coeffs_dir: Path | None,
+                    scale: str, workers: int, shard: str | None, force: bool, no_preview: bool):
     """Fit ground-truth detail maps: OUT/<subject>/<expression>/gt_maps/cam<i>.npz and preview.png.
 
     With the coefficients frozen, the deformation map (3x64x64) and displacement map (1x256x256)
@@ -243,7 +247,7 @@ def gt_maps_command(root: Path, out: Path, model_path: Path | None, coeffs_dir: 
     """
     from facehd.detail import GTJob, gt_maps_dataset
 
-    job = GTJob(align=_align_job(out, model_path, coeffs_dir, scale, force), preview=not no_preview)
+    job = GTJob(align=_align_job(out, model_path, uv_path, coeffs_dir, scale, force), preview=not no_preview)
     _run_capture_batch(gt_maps_dataset, root, job, workers, shard, "fitted")
 
 

@@ -704,6 +704,7 @@ def gt_maps_dataset(root: str | Path, job: GTJob, *, workers: int = 1, shard: Sh
     """Fit the maps of every capture of a dataset (this shard of them), writing
     <out>/<subject>/<expression>/gt_maps/<view>.npz and preview.png (and align.json where it is
     missing or stale); up-to-date captures are skipped, failures reported while the rest go on."""
+    job.align.model.check(need_uv=True)  # before any capture is aligned
     refs = (shard or Shard()).select(dataset_captures(root, job.align.out))
     remove_leftovers(refs, job.align.out)
     return run_resumable(refs, name=capture_name, up_to_date=functools.partial(gt_up_to_date, job=job),

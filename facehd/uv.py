@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from facehd.errors import InputError
+from facehd.errors import FileFormatError, InputError
 
 # A texel centre this close to a triangle (in texels) counts as covered, so centres on shared
 # edges and vertices are covered despite rounding: float32 UVs at 1024^2 are off by up to ~6e-5
@@ -25,6 +27,21 @@ UV_RANGE_SLACK = 1e-2
 _MIN_AREA_TEXELS = 1e-12
 # (triangle, texel) candidates processed at once: keeps the temporaries to a few hundred MB.
 _CHUNK_CANDIDATES = 1 << 20
+
+
+def read_uv_file(path: str | Path, n_vertices: int) -> np.ndarray:
+    """Per-vertex UVs for a model file without a `uv` field (BFM09's `BFM_model_front.mat`; HRN
+    ships them as `bfm_uvs2.npy`, 35,709 x 2): an (N, 2) .npy -> (N, 2) float64, checked against
+    the model's `n_vertices`."""
+    path = Path(path)
+    try:
+        uv = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise FileFormatError(path, f"not a readable .npy file of UVs: {exc}") from None
+    if uv.shape != (n_vertices, 2) or not np.issubdtype(uv.dtype, np.number) or not np.isfinite(uv).all():
+        raise FileFormatError(path, f"UVs have shape {uv.shape}, expected finite ({n_vertices}, 2) "
+                                    f"for a model of {n_vertices} vertices")
+    return uv.astype(np.float64)
 
 
 @dataclass(frozen=True, eq=False)

@@ -8,13 +8,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from facehd import conventions as cv
-from facehd.errors import FileFormatError, InputError
+from facehd.errors import InputError
 from facehd.morphable import (
     MorphableModel,
     Reconstruction,
@@ -33,6 +32,7 @@ from facehd.uv import (
     UVRaster,
     dense_positions_from_map,
     rasterize_attributes,
+    read_uv_file,
     sample_uv_map,
     uv_grid_mesh,
     uv_rasterize,
@@ -90,22 +90,12 @@ def load_hrn_morphable(config: ModelConfig, *, dtype: torch.dtype = torch.float3
             path = write_synth_bfm(Path(tmp) / "BFM_model_front.mat", config.synth_resolution, config.synth_seed)
             model = load_morphable_model(path, dtype=dtype)
     if config.uv_file is not None:
-        model = dataclasses.replace(model, uv=_read_uv_file(config.uv_file, model.n_vertices, dtype))
+        uv = read_uv_file(config.uv_file, model.n_vertices)
+        model = dataclasses.replace(model, uv=torch.as_tensor(uv, dtype=dtype))
     if model.uv is None:
         raise InputError(f"{model.source or 'the morphable model'} has no per-vertex UVs: set model.uv_file to an "
                          "(N, 2) .npy of UVs in [0, 1] (HRN ships one for BFM09)")
     return model
-
-
-def _read_uv_file(path: str | Path, n_vertices: int, dtype: torch.dtype) -> torch.Tensor:
-    path = Path(path)
-    try:
-        uv = np.load(path)
-    except (OSError, ValueError) as exc:
-        raise FileFormatError(path, f"not a readable .npy file of UVs: {exc}") from None
-    if uv.shape != (n_vertices, 2) or not np.isfinite(uv).all():
-        raise FileFormatError(path, f"UVs have shape {uv.shape}, expected finite ({n_vertices}, 2)")
-    return torch.as_tensor(uv, dtype=dtype)
 
 
 def make_discriminators(config: ModelConfig) -> nn.ModuleDict:

@@ -375,3 +375,41 @@ def test_outputs_never_go_into_the_dataset(dataset):
             align_dataset(root, align_job(root, model_path, out))
     report = align_dataset(root, align_job(root, model_path, root / "_derived"), shard=Shard(0, 4))
     assert report.counts()["done"] == 1 and (root / "_derived" / "S001" / "neutral" / "align.json").is_file()
+
+
+def test_gt_maps_take_the_uvs_of_a_model_file_without_them(dataset, tmp_path):
+    """BFM09's BFM_model_front.mat has no `uv` field (HRN ships bfm_uvs2.npy): --uv supplies them,
+    and a missing or mismatched UV file is refused before any capture is aligned."""
+    import scipy.io
+
+    root, model_path = dataset
+    for subject, expression in CAPTURES[1:]:
+        shutil.rmtree(root / subject / expression)
+    fields = {k: v for k, v in scipy.io.loadmat(str(model_path)).items() if not k.startswith("__")}
+    uv = fields.pop("uv")
+    no_uv = tmp_path / "BFM_model_front.mat"
+    scipy.io.savemat(str(no_uv), fields)
+    uv_file = tmp_path / "bfm_uvs2.npy"
+    np.save(uv_file, uv)
+    common = ["--coeffs", str(root / "_truth"), "--no-preview"]
+
+    missing = CliRunner().invoke(main, ["gt-maps", str(root), "--out", str(tmp_path / "none"), "--model", str(no_uv),
+                                        *common])
+    assert missing.exit_code == 1 and "no per-vertex UVs" in missing.output and "--uv" in missing.output
+    assert not (tmp_path / "none").exists() or not any((tmp_path / "none").rglob("align.json"))
+
+    wrong = tmp_path / "wrong.npy"
+    np.save(wrong, uv[:-1])
+    refused = CliRunner().invoke(main, ["gt-maps", str(root), "--out", str(tmp_path / "wrong"), "--model", str(no_uv),
+                                        "--uv", str(wrong), *common])
+    assert refused.exit_code == 1 and "wrong.npy" in refused.output and f"({len(uv)}, 2)" in refused.output
+    assert not any((tmp_path / "wrong").rglob("align.json")) if (tmp_path / "wrong").exists() else True
+
+    views = [f"cam{i}" for i in range(9)]
+    for name, args in (("with", ["--model", str(model_path)]), ("given", ["--model", str(no_uv), "--uv", str(uv_file)])):
+        result = CliRunner().invoke(main, ["gt-maps", str(root), "--out", str(tmp_path / name), *args, *common])
+        assert result.exit_code == 0, result.output
+    with_uv = read_gt_maps(tmp_path / "with" / "S001" / "neutral", views)
+    given_uv = read_gt_maps(tmp_path / "given" / "S001" / "neutral", views)
+    assert np.array_equal(with_uv["displacement"], given_uv["displacement"])
+    assert np.array_equal(with_uv["deformation"], given_uv["deformation"])
