@@ -26,6 +26,8 @@ DEFAULT_TOL = 1e-3
 # which is why fixed targets still get a second (cheap: same factorization) solve per step.
 DEFAULT_DAMPING = 1e-8
 
+STOP_RULES = ("motion", "affine_change")
+
 _TINY = 1e-300  # guards normalisations of zero-length vectors
 
 
@@ -112,6 +114,7 @@ def nonrigid_icp(
     incremental: bool = False,
     damping: float = DEFAULT_DAMPING,
     normalize: bool = True,
+    stop: str = "motion",
 ) -> NicpResult:
     """Optimal-step non-rigid ICP of a source mesh onto a target (Amberg et al. 2007).
 
@@ -150,6 +153,10 @@ def nonrigid_icp(
         damping: weight of the proximal term, in the normalised frame (0 disables it).
         normalize: solve in a frame where the source is centred on its centroid with a unit bounding-box
             diagonal, so that stiffness, landmark weights and gamma do not depend on units (as menpo3d).
+        stop: "motion" (the rule of ``tol`` above) or "affine_change", menpo3d's rule (needs
+            ``incremental``): a step ends when ||X - X_prev||_F / sqrt(X.size) < tol, X the solve's
+            per-vertex affines (N, 4, 3) in the frame and X_prev the previous solve's, carried over
+            from step to step and zero before the first solve.
 
     Returns:
         `NicpResult` with the deformed vertices, the per-vertex affines and one record per solve.
@@ -169,11 +176,16 @@ def nonrigid_icp(
     betas = _landmark_schedule(landmark_weights, len(alphas), landmarks is not None)
     weights = _as_vertex_weights(vertex_weights, n)
     _check_settings(max_inner_iterations, tol, gamma, max_distance, normal_angle_max, damping)
+    if stop not in STOP_RULES:
+        raise InputError(f"stop must be one of {STOP_RULES}, got {stop!r}")
+    if stop == "affine_change" and not incremental:
+        raise InputError("stop='affine_change' compares successive updates: it needs incremental=True")
 
     frame = _Frame.of(vertices, normalize)
     matcher = _Matcher.of(target, n, frame, max_distance, normal_angle_max, weights)
     system = _AmbergSystem(frame.to_frame(vertices), edges, gamma, damping, landmarks, frame)
-    loop = _InnerLoop(system, matcher, faces, int(max_inner_iterations), tol * frame.diagonal, incremental, frame)
+    loop = _InnerLoop(system, matcher, faces, int(max_inner_iterations), tol * frame.diagonal, incremental, frame,
+                      tol if stop == "affine_change" else None, [np.zeros((n, HOMOGENEOUS, 3))])
     affines = _identity_affines(n)  # frame units throughout
     history: list[NicpIteration] = []
     with single_threaded_blas():
@@ -194,6 +206,8 @@ class _InnerLoop:
     min_motion: float  # frame units
     incremental: bool
     frame: _Frame
+    max_affine_change: float | None  # stop="affine_change": its tol; None: the motion rule
+    previous_update: list  # [the last solve's affines (N, 4, 3)], carried across steps
 
     def run(self, affines, step, alpha, beta, history) -> np.ndarray:
         system = self.system
@@ -206,6 +220,8 @@ class _InnerLoop:
                 basis = _homogeneous(current)
                 update = system.solve(alpha, beta, weights, targets, _identity_affines(len(current)), basis)
                 affines = _compose(affines, update)
+                change = float(np.linalg.norm(update - self.previous_update[0]) / np.sqrt(update.size))
+                self.previous_update[0] = update
             else:
                 if factor is None or not same_weights:  # the matrix depends on the weights, not the targets
                     factor = system.factorize(alpha, beta, weights, system.source)
@@ -214,7 +230,7 @@ class _InnerLoop:
             motion = float(np.sqrt(np.mean(np.sum((moved - current) ** 2, axis=1))))
             history.append(_record(step, iteration, alpha, beta, weights, current, targets, motion, self.frame))
             current, previous_weights = moved, weights
-            if motion < self.min_motion:
+            if (change < self.max_affine_change) if self.max_affine_change is not None else motion < self.min_motion:
                 break
         return affines
 

@@ -362,3 +362,45 @@ def test_an_undetermined_system_is_reported():
     vertices, faces = grid(4)
     with pytest.raises(InputError, match="not positive definite"):
         nonrigid_icp(vertices, faces, vertices, stiffness=[1.0], damping=0.0)
+
+
+def naive_menpo3d_schedule(vertices, faces, targets, stiffness, landmark_index, landmark_points, betas, eps):
+    """menpo3d's non_rigid_icp loop with fixed targets, step by step, in the unit-diagonal frame:
+    each solve's affines act on the current vertices; a step ends once ||X - X_prev||_F / sqrt(X.size)
+    < eps, X_prev the previous solve's affines (zero before the first, carried across steps)."""
+    centre, scale = vertices.mean(axis=0), 1.0 / np.linalg.norm(np.ptp(vertices, axis=0))
+    current = (vertices - centre) * scale
+    u, lm = (targets - centre) * scale, (landmark_points - centre) * scale
+    previous, solves = np.zeros((len(vertices), 4, 3)), []
+    for alpha, beta in zip(stiffness, betas):
+        count = 0
+        while True:
+            x = naive_amberg_solve(current, faces, u, np.ones(len(current)), alpha, 1.0, 0.0,
+                                   landmark_index, lm, beta)
+            current = np.einsum("ni,nij->nj", np.c_[current, np.ones(len(current))], x)
+            count += 1
+            change = np.linalg.norm(x - previous) / np.sqrt(x.size)
+            previous = x
+            if change < eps:
+                break
+        solves.append(count)
+    return current / scale + centre, solves
+
+
+def test_menpo3d_stop_rule_matches_a_naive_loop():
+    vertices, faces = curved_grid(6)
+    targets = bumped(vertices)
+    landmark_index, landmark_points = np.array([0, 14, 35]), bumped(vertices)[[0, 14, 35]] + [0.0, 0.0, 2.0]
+    stiffness, betas, eps = [50.0, 5.0, 0.8], [5.0, 0.5, 0.0], 1e-3
+    expected, solves = naive_menpo3d_schedule(vertices, faces, targets, stiffness, landmark_index, landmark_points,
+                                              betas, eps)
+    result = nonrigid_icp(vertices, faces, targets, stiffness=stiffness, landmark_weights=betas,
+                          landmark_pairs=(landmark_index, landmark_points), incremental=True, stop="affine_change",
+                          tol=eps, damping=0.0, max_inner_iterations=1000)
+    assert [sum(1 for h in result.history if h.step == s) for s in range(3)] == solves
+    assert max(solves) > 1
+    assert_close(result.vertices, expected, atol=1e-6, rtol=0)
+    with pytest.raises(InputError, match="incremental"):
+        nonrigid_icp(vertices, faces, targets, stop="affine_change")
+    with pytest.raises(InputError, match="stop must be"):
+        nonrigid_icp(vertices, faces, targets, stop="sometimes")
