@@ -153,6 +153,23 @@ def test_shared_variables_are_one_tensor_with_gradients_from_every_view(model, t
         assert exp_grad[others].abs().sum() == 0 and exp_grad[i].abs().sum() > 0
 
 
+def test_start_from_a_model_takes_the_mean_of_its_per_view_ids_and_deformation_maps(model, truth):
+    """As upstream: the shared id and deformation are the means of the network's per-view ones;
+    the per-view variables are the network's (here random, untrained weights)."""
+    views, _ = truth
+    views = views[:3]
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = model(torch.stack([v.image for v in views]))
+    state = initial_state(model, views, calibrated=False, from_checkpoint=True)
+    assert_close(state.id[0], out.coeffs[:, :cv.N_ID].mean(0))
+    assert_close(state.deformation[0], out.deformation.mean(0))
+    assert_close(state.exp, out.coeffs[:, cv.COEFF_SLICES["exp"]])
+    assert_close(state.displacement, out.displacement)
+    calibrated = initial_state(model, views, calibrated=True, from_checkpoint=True)
+    assert calibrated.angle is None and calibrated.head_angle.shape == (1, 3)
+
+
 def _mid_error(model, state, true_state) -> float:
     """RMS distance (model units) of the fitted M1 to the true one after a similarity alignment."""
     mm = model.morphable
