@@ -18,7 +18,7 @@ from facehd.align import capture_name, dataset_captures
 from facehd.batch import BatchReport, ItemResult, Progress, Shard, inputs_digest, run_item, run_resumable
 from facehd.capture import CaptureRef, capture_paths
 from facehd.errors import FileFormatError, InputError
-from facehd.fsutil import atomic_open, owner_tag
+from facehd.fsutil import atomic_open, owner_tag, remove_stale_folders
 from hrn_baseline.config import ModelConfig
 from hrn_baseline.fuse import fit_coefficients, fuse, view_result, write_preview, write_result
 from hrn_baseline.model import HRN, load_hrn_morphable
@@ -82,7 +82,8 @@ def reconstruct_views(model: HRN, views: ViewSet, out: str | Path, job: MVJob, *
     fused = fuse(model, fit, job.config.expression)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{owner_tag()}.", suffix=".part", dir=out.parent))
+    # named as `facehd.fsutil.owned_temporary_folder` names its folders, so a killed run's is found
+    tmp = Path(tempfile.mkdtemp(prefix=f"{temporary_prefix(out)}{owner_tag()}-", dir=out.parent))
     try:
         coeffs = fit_coefficients(fit, job.units)
         files = write_result(tmp / FUSED_DIR, model, fused, units=job.units, source=source, coeffs=coeffs)
@@ -104,6 +105,11 @@ def reconstruct_views(model: HRN, views: ViewSet, out: str | Path, job: MVJob, *
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return [out / f.relative_to(tmp) for f in files] + [out / RESULT_JSON]
+
+
+def temporary_prefix(out: Path) -> str:
+    """The name prefix of the temporary folder a result folder ``out`` is written in."""
+    return f".{out.name}.part-"
 
 
 def mv_capture(directory: str | Path, job: MVJob, *, out: str | Path | None = None, device: str = "auto",
@@ -183,6 +189,9 @@ def mv_dataset(root: str | Path, job: MVJob, *, workers: int = 1, shard: Shard |
     """Fit every capture of a FaceHD-100 root (this shard of them) into OUT/<subject>/<expression>/;
     up-to-date captures are skipped, a failing capture is reported and the rest go on."""
     refs = (shard or Shard()).select(dataset_captures(root, job.out))
+    for ref in refs:  # what runs killed before renaming their result folder left behind
+        folder = result_folder(ref, job.out)
+        remove_stale_folders(folder.parent, temporary_prefix(folder))
     return run_resumable(refs, name=capture_name, up_to_date=functools.partial(mv_up_to_date, job=job),
                          task=functools.partial(_task_with_device, device), prepare=lambda: contextlib.nullcontext(job),
                          workers=workers, progress=progress, on_result=on_result, desc="hrn mv")

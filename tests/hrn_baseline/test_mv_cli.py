@@ -88,7 +88,13 @@ def test_root_batch_goes_on_past_a_capture_with_too_few_views_and_resumes(setup,
     for name in ("cam1", "cam2", "cam3", "cam4", "cam5", "cam6", "cam7", "cam8"):
         (root / "S002" / "neutral" / "images" / f"{name}.png").unlink()
     args = ["--root", str(root), "--out", str(tmp_path / "out"), "--views", "cam0,cam1,cam2", "--no-preview"]
+    from facehd.fsutil import owner_tag
+
+    host = owner_tag().rsplit("-", 1)[0]
+    stale = tmp_path / "out" / "S001" / f".neutral.part-{host}-999999999-abc123"  # a killed run's folder
+    (stale / "fused").mkdir(parents=True)
     result = _run(base, *args)
+    assert not stale.exists()
     assert result.exit_code == 1
     failed = [line for line in result.stdout.splitlines() if line.startswith("FAILED")]
     assert len(failed) == 1 and "S002/neutral" in failed[0] and "1 readable view(s), at least 2" in failed[0]
