@@ -69,6 +69,15 @@ NICP_STIFFNESS = (50.0, 20.0, 5.0, 2.0, 0.8, 0.5, 0.35, 0.2)
 NICP_LANDMARK_WEIGHTS = (5.0, 2.0, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0)
 # Template vertices farther than this from the scan (beyond its border, in a hole) are not pulled.
 NICP_MAX_DISTANCE_MM = 20.0
+# The released protocol's registration: menpo3d 0.8.6 `non_rigid_icp` with its defaults (read in
+# menpo3d/correspond/nicp.py): the same stiffness and landmark schedules, data weight 1 where the
+# deformed template's vertex normal and the target triangle's normal have a dot product above 0.9
+# (else 0; no distance cut-off, no boundary rule), each solve's affines acting on the current
+# vertices, and a step ending once the RMS change of the affines between successive solves is below
+# eps = 1e-3 (no cap; a safety net far above it).
+MENPO3D_EPS = 1e-3
+MENPO3D_MIN_NORMAL_DOT = 0.9
+MENPO3D_SAFETY_SOLVES = 500
 
 _SUBJECT_DIR = re.compile(r"^subject_?(\d+)$", re.IGNORECASE)
 _SCAN_TAG = re.compile(r"frontal([12])(?!\d)", re.IGNORECASE)
@@ -524,7 +533,7 @@ def registration_key(scan: GroundTruthScan, template: Template, protocol: str = 
     h.update(_file_digest(scan.mesh_path, scan.landmarks_path).encode())
     h.update(template.key.encode())
     h.update(repr((REGISTRATION_VERSION, protocol, NICP_STIFFNESS, NICP_LANDMARK_WEIGHTS, NICP_MAX_DISTANCE_MM,
-                   COVERAGE_DISTANCE_MM)).encode())
+                   COVERAGE_DISTANCE_MM, MENPO3D_EPS, MENPO3D_MIN_NORMAL_DOT, MENPO3D_SAFETY_SOLVES)).encode())
     return h.hexdigest()[:24]
 
 
@@ -591,12 +600,16 @@ def _register(scan: GroundTruthScan, template: Template, protocol: str) -> Regis
         raise InputError(f"{scan.mesh_path}: every triangle of the scan is degenerate")
     scan_faces = mesh.faces[keep]
     target_landmarks = transform.apply(landmarks)
+    if protocol == "released":
+        settings = dict(incremental=True, stop="affine_change", tol=MENPO3D_EPS,
+                        normal_angle_max=math.degrees(math.acos(MENPO3D_MIN_NORMAL_DOT)),
+                        max_inner_iterations=MENPO3D_SAFETY_SOLVES)
+    else:
+        settings = dict(max_distance=NICP_MAX_DISTANCE_MM / template.mm_per_unit)
     result = nonrigid_icp(
         template.vertices, template.faces, (scan_vertices, scan_faces),
         stiffness=NICP_STIFFNESS, landmark_weights=NICP_LANDMARK_WEIGHTS,
-        landmark_pairs=(template.keypoints, target_landmarks),
-        max_distance=NICP_MAX_DISTANCE_MM / template.mm_per_unit,
-    )
+        landmark_pairs=(template.keypoints, target_landmarks), **settings)
     vertices = np.asarray(result.vertices, dtype=np.float64)
     per = template.mm_per_unit
     scan_index = SurfaceIndex(scan_vertices, scan_faces)
@@ -828,7 +841,8 @@ class MiccOptions:
         if self.protocol == "released":
             protocol = (
                 "Protocol: released (GANFit's released MICC evaluation, rule for rule): GT registered with menpo's "
-                "similarity (scale = ratio of the centred landmark sets' Frobenius norms) and non-rigid ICP; "
+                "similarity (scale = ratio of the centred landmark sets' Frobenius norms) and menpo3d's non-rigid "
+                "ICP defaults; "
                 f"a {self.crop_radius_mm:g} mm crop ({crops}; strictly inside, vertices of whole triangles only) "
                 "around the GT scan's own landmark 30 for f(GT, pred) and the prediction's keypoint 30 for "
                 "f(pred, GT); similarity ICP with menpo's similarity from same-index correspondences, float64 "
@@ -1008,6 +1022,16 @@ class MiccResult:
 # Per-process BLAS threads. The registration's many small dense factorizations ran 10-20x slower
 # with OpenBLAS's default threads on a busy 2-core machine than with one thread per process.
 _SINGLE_THREAD_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+# A spawned worker costs seconds to start (imports) and its own copy of the libraries: 24 (GT,
+# prediction) pairs took 1.57x longer with 2 workers than with 1. A worker is started per this many
+# registrations (~1-2 s each) or pairs (~0.1-0.3 s each) at most.
+MIN_REGISTRATIONS_PER_WORKER = 8
+MIN_PAIRS_PER_WORKER = 50
+
+
+def _pool_size(workers: int, items: int, per_worker: int) -> int:
+    """Processes worth starting for `items` jobs with at most `workers`; 1 means in this process."""
+    return max(1, min(workers, items // per_worker))
 
 
 @contextlib.contextmanager
@@ -1044,8 +1068,9 @@ def register_scans(scans: list[GroundTruthScan], template: Template, *, protocol
                    progress: Callable[[str, int, int], None] | None = None) -> list[RegisteredScan | str]:
     """Register every scan (protocol step 1); each result is a RegisteredScan or an error message.
 
-    Cached registrations are read in this process; the others are computed in `workers` spawned
-    processes (at least one, so they run with single-threaded BLAS) and cached; the cache's
+    Cached registrations are read in this process; the others are computed (with single-threaded
+    BLAS) in this process, or in up to `workers` spawned processes when there are at least
+    MIN_REGISTRATIONS_PER_WORKER per process, and cached; the cache's
     index (`write_registration_index`) maps each scan file to its cache file.
     """
     cache = None if cache_dir is None else Path(cache_dir)
@@ -1061,8 +1086,16 @@ def register_scans(scans: list[GroundTruthScan], template: Template, *, protocol
         results[i] = _load_cached(scan, None if cache is None else cache / f"{key}.npz")
         if results[i] is None:
             todo.append((i, key))
-    if todo:
-        with _worker_pool(max(1, min(workers, len(todo)))) as pool:
+    if todo and _pool_size(workers, len(todo), MIN_REGISTRATIONS_PER_WORKER) <= 1:
+        from facehd.sparse_cholesky import single_threaded_blas
+
+        with single_threaded_blas():
+            for done, (i, key) in enumerate(todo, 1):
+                results[i] = _register_or_error(scans[i], template, cache, key, protocol)
+                if progress:
+                    progress("registering ground truth", done, len(todo))
+    elif todo:
+        with _worker_pool(_pool_size(workers, len(todo), MIN_REGISTRATIONS_PER_WORKER)) as pool:
             futures = [pool.submit(_register_or_error, scans[i], template, cache, key, protocol) for i, key in todo]
             for done, ((i, _), future) in enumerate(zip(todo, futures), 1):
                 results[i] = future.result()
@@ -1169,6 +1202,8 @@ def _accumulate(outcomes: list[_SubjectOutcome], n: int) -> dict[tuple[str, str]
 
 def _evaluate_all(jobs: list[_SubjectJob], workers: int, progress) -> list[_SubjectOutcome]:
     total, outcomes = len(jobs), []
+    workers = _pool_size(workers, sum(len(j.registered) * len(j.predictions) for j in jobs) * len(SETTINGS),
+                         MIN_PAIRS_PER_WORKER)
     if workers <= 1 or total <= 1:
         for done, job in enumerate(jobs, 1):
             outcomes.append(_evaluate_subject(job))

@@ -331,6 +331,23 @@ def test_the_registration_cache_has_an_index(synthetic_run):
             assert np.array_equal(data["vertices"], r.vertices)
 
 
+def test_workers_are_started_only_for_a_job_big_enough(synthetic_run, monkeypatch, tmp_path):
+    root, result = synthetic_run
+    layout = _layout(root)
+
+    def no_pool(workers):
+        raise AssertionError(f"a pool of {workers} was started for a small job")
+
+    monkeypatch.setattr(micc, "_worker_pool", no_pool)
+    gt = tmp_path / "gt"
+    shutil.copytree(layout.gt_dir / "subject_02", gt / "subject_02")
+    out = micc.evaluate_micc(gt, {"truth": layout.predictions("truth-noise")}, result.template,
+                             cache_dir=tmp_path / "cache", workers=4)  # 2 registrations, 6 pairs: in-process
+    assert all(s.status == "ok" for s in out.scores) and len(out.registrations) == 2
+    assert micc._pool_size(4, 6, micc.MIN_PAIRS_PER_WORKER) == 1
+    assert micc._pool_size(4, 20 * micc.MIN_REGISTRATIONS_PER_WORKER, micc.MIN_REGISTRATIONS_PER_WORKER) == 4
+
+
 def test_missing_predictions_are_reported_not_averaged(synthetic_run, tmp_path):
     root, result = synthetic_run
     layout = _layout(root)
