@@ -488,6 +488,9 @@ class TruthComparison:
     displacement_corr: float  # fitted d vs the true d at the same surface points (closest point)
     displacement_corr_texel: float  # fitted d vs the true d at the same texel
     texels: int
+    # fitted deformation map vs the true one (xyz offsets turned into the fitted model frame) on the
+    # trusted texels of the 64 x 64 map; NaN when the truth has no `deformation_map`
+    deformation_corr: float = float("nan")
 
 
 def compare_with_truth(model: MorphableModel, maps: GTMaps, scan_to_model, truth) -> TruthComparison:
@@ -514,7 +517,25 @@ def compare_with_truth(model: MorphableModel, maps: GTMaps, scan_to_model, truth
         displacement_corr=float(np.corrcoef(fitted_d, at_points)[0, 1]),
         displacement_corr_texel=float(np.corrcoef(fitted_d, true_d[sel])[0, 1]),
         texels=int(sel.sum()),
+        deformation_corr=deformation_correlation(maps, scan_to_model, truth),
     )
+
+
+def deformation_correlation(maps: GTMaps, scan_to_model, truth) -> float:
+    """Correlation of the fitted deformation map with the truth's `deformation_map` over the
+    trusted texels, all three channels pooled. The true offsets are turned from the truth's model
+    frame into the fitted one (through the scan: its `scan_to_model` and the fitted alignment),
+    so an equally valid frame is not counted as error; the coarse shapes are not aligned, so a
+    fitted M0 that absorbed part of the mid-frequency shape lowers it. NaN without a true map."""
+    from facehd.procrustes import Similarity
+
+    if "deformation_map" not in truth:
+        return float("nan")
+    true_frame = Similarity.from_matrix(np.asarray(truth["scan_to_model"]))
+    turn = (scan_to_model.scale / true_frame.scale) * scan_to_model.rotation @ true_frame.rotation.T
+    true = np.einsum("ij,jhw->ihw", turn, np.asarray(truth["deformation_map"], dtype=np.float64))
+    trusted = maps.deformation_mask[0].astype(bool)
+    return float(np.corrcoef(maps.deformation[:, trusted].ravel(), true[:, trusted].ravel())[0, 1])
 
 
 # --- files -------------------------------------------------------------------------------------

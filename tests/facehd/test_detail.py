@@ -1,3 +1,4 @@
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 from helpers import assert_close
 from PIL import Image
+from scipy.spatial.transform import Rotation
 
 sys.path.insert(0, str(Path(__file__).parent))  # gt_factory.py lives beside the tests
 
@@ -17,12 +19,14 @@ from facehd.detail import (  # noqa: E402
     GTMaps,
     _difference_matrix,
     compare_with_truth,
+    deformation_correlation,
     detailed_surface,
     fit_gt_maps,
     uv_operators,
     write_gt_maps,
     write_preview,
 )
+from facehd.procrustes import Similarity  # noqa: E402
 from facehd.uv import rasterize_attributes, sample_uv_map  # noqa: E402
 
 
@@ -79,7 +83,7 @@ def fitted(model, truth):
 
 def truth_record(truth, scan) -> dict:
     return {"surface_vertices": truth.grid, "surface_faces": truth.faces, "displacement_map": truth.displacement,
-            "scan_to_model": scan.scan_to_model.as_matrix()}
+            "deformation_map": truth.deformation, "scan_to_model": scan.scan_to_model.as_matrix()}
 
 
 def test_gt_maps_recover_the_synthetic_truth(model, truth, fitted):
@@ -113,6 +117,16 @@ def test_perfect_maps_compare_perfectly(model, truth, fitted):
     assert result.surface_rms_mm < 1e-6
     assert result.displacement_corr == pytest.approx(1.0, abs=1e-6)
     assert result.displacement_corr_texel == pytest.approx(1.0, abs=1e-9)
+    assert result.deformation_corr == pytest.approx(1.0, abs=1e-9)
+    # the true offsets are turned into the fitted frame: a rotated alignment changes nothing
+    turned = Similarity(1.0, Rotation.from_rotvec([0.0, 0.3, 0.1]).as_matrix(), np.zeros(3))
+    rotated = dataclasses.replace(perfect, deformation=np.einsum("ij,jhw->ihw", turned.rotation, truth.deformation))
+    record = truth_record(truth, scan)
+    assert deformation_correlation(rotated, turned.compose(scan.scan_to_model), record) == pytest.approx(1.0, abs=1e-9)
+    assert deformation_correlation(perfect, turned.compose(scan.scan_to_model), record) < 0.99
+    # offsets the wrong way round anti-correlate
+    negated = dataclasses.replace(perfect, deformation=-truth.deformation)
+    assert compare_with_truth(model, negated, scan.scan_to_model, record).deformation_corr == pytest.approx(-1.0)
 
 
 def test_written_maps_are_readable_by_the_dataset(tmp_path, fitted):
