@@ -22,7 +22,7 @@ from facehd.fsutil import atomic_open, owner_tag, remove_stale_folders
 from hrn_baseline.config import ModelConfig
 from hrn_baseline.fuse import fit_coefficients, fuse, view_result, write_preview, write_result
 from hrn_baseline.model import HRN, load_hrn_morphable
-from hrn_baseline.mv import MVConfig, fit_multiview
+from hrn_baseline.mv import FUSED_EXPRESSIONS, MVConfig, fit_multiview
 from hrn_baseline.mv_inputs import MIN_VIEWS, ViewSet, read_capture_views, read_folder_views
 from hrn_baseline.preprocess import standard_landmarks
 
@@ -78,6 +78,10 @@ def reconstruct_views(model: HRN, views: ViewSet, out: str | Path, job: MVJob, *
                       progress: Progress | None = None) -> list[Path]:
     """Fit ``views`` and write ``out``/fused/ (and views/<name>/ with ``job.per_view``), preview.png
     and mv.json, into a temporary folder renamed to ``out`` at the end."""
+    names = [v.name for v in views.views]
+    if job.config.expression not in (*FUSED_EXPRESSIONS, *names):
+        raise InputError(f"--expression {job.config.expression!r} is not zero, mean or one of the views "
+                         f"({', '.join(names)})")
     fit = fit_multiview(model, views.views, job.config, from_checkpoint=job.checkpoint is not None, progress=progress)
     fused = fuse(model, fit, job.config.expression)
     out = Path(out)

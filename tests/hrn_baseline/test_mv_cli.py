@@ -128,3 +128,12 @@ def test_exactly_one_input_is_required(setup, tmp_path):
     base, _ = setup
     result = _run(base, "--out", str(tmp_path / "out"))
     assert result.exit_code != 0 and "exactly one of --capture, --images or --root" in result.output
+
+
+def test_an_unknown_expression_is_refused_before_fitting(setup, tmp_path):
+    base, _ = setup
+    result = _run(base, "--capture", str(base / "root" / "S001" / "neutral"), "--out", str(tmp_path / "out"),
+                  "--views", "cam0,cam1", "--expression", "cam7")
+    assert result.exit_code == 1 and "--expression 'cam7' is not zero, mean or one of the views (cam0, cam1)" \
+        in result.output
+    assert not (tmp_path / "out").exists()
