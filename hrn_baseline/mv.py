@@ -104,6 +104,11 @@ class MVConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not np.isfinite(value) or value < 0:
                 raise InputError(f"{where}: {name} must be a number >= 0, got {value!r}")
+        if not isinstance(self.calibrated, bool):
+            raise InputError(f"{where}: calibrated must be true or false, got {self.calibrated!r}")
+        for name in ("expression", "device"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise InputError(f"{where}: {name} must be a name, got {getattr(self, name)!r}")
         for f in dataclasses.fields(self.weights):
             value = getattr(self.weights, f.name)
             if not isinstance(value, (int, float)) or not np.isfinite(value) or value < 0:
