@@ -434,7 +434,7 @@ def test_cli_prints_published_and_evaluated_rows_in_every_format(synthetic_run, 
     for name in list(MICC_PUBLISHED) + list(REFERENCE_METHODS):
         assert f"| {name}" in out.stdout
     assert "point-to-surface" in out.stdout and "symmetric" in out.stdout and "template units x 100" in out.stdout
-    assert "not comparable to the published rows" in out.stdout
+    assert "not comparable to the published rows" in out.stdout and "Protocol: released" in out.stdout
     frame = pd.read_csv(tmp_path / "s.csv")
     assert len(frame) == 3 * SET_SUBJECTS * 3 and set(frame["status"]) == {"ok"}
     pngs = sorted(p.name for p in (tmp_path / "p").glob("*.png"))
@@ -456,10 +456,11 @@ def test_cli_prints_published_and_evaluated_rows_in_every_format(synthetic_run, 
     rows = pd.read_csv(io.StringIO(csv.stdout), index_col=0)
     assert list(rows.index) == list(MICC_PUBLISHED) + ["truth", "again"]
     assert rows.loc["truth", "Cooperative n"] == SET_SUBJECTS and "point-to-plane" in csv.stderr
-    js = runner.invoke(micc_command, real + ["--format", "json"])
+    js = runner.invoke(micc_command, real + ["--format", "json", "--protocol", "robust"])
     assert js.exit_code == 0, js.output
     data = json.loads(js.stdout)
     assert set(data["rows"]) == set(MICC_PUBLISHED) | {"truth", "again"} and "point-to-plane" in data["note"]
+    assert "Protocol: robust" in data["note"] and data["warnings"] == []
     assert data["rows"]["truth"] == data["rows"]["again"]
     assert data["rows"]["HRN"]["Cooperative mean"] == 0.86 and data["not_evaluated"] == []
 
