@@ -122,6 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=None, help="a synthetic FaceHD-100 root (with _truth/)")
     parser.add_argument("--captures", type=int, default=2, help="captures to generate / use")
+    parser.add_argument("--skip", type=int, default=0, help="captures of ROOT to skip first")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--iterations", type=int, default=None, help="fit iterations (default: the config's, 50)")
     parser.add_argument("--device", default="cpu")
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
             root = generate(Path(stack.enter_context(tempfile.TemporaryDirectory())) / "facehd", args.captures)
         model = load_mv_model(None, None, args.device)
         results = []
-        for ref in find_captures(root)[:args.captures]:
+        for ref in find_captures(root)[args.skip:args.skip + args.captures]:
             truth = read_truth(truth_path(root, ref.subject, ref.expression))
             results.append(run_capture(model, ref.directory, truth, config))
             r = results[-1]
