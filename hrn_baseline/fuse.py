@@ -54,6 +54,7 @@ class Fused:
     mid: torch.Tensor  # (V, 3) M1 = M0 + the deformation
     dense: torch.Tensor  # (Hh * Hh, 3) the detailed surface on the UV grid
     view_names: list[str]
+    tex: torch.Tensor | None = None  # (80,) texture coefficients: the views' mean, or the view's
 
 
 def view_weights(model: HRN, state: MVState, render) -> torch.Tensor:
@@ -123,7 +124,8 @@ def fuse(model: HRN, fit: MVFit, expression: str = "zero") -> Fused:
         coarse, mid, dense = surface(model, state.id[0], exp, state.deformation[0], displacement)
     return Fused(id=state.id[0].clone(), exp=exp.clone(), expression=expression,
                  deformation=state.deformation[0].clone(), displacement=displacement, texture=texture, valid=valid,
-                 weights=normalized, coarse=coarse, mid=mid, dense=dense, view_names=names)
+                 weights=normalized, coarse=coarse, mid=mid, dense=dense, view_names=names,
+                 tex=state.tex.mean(0).clone())
 
 
 def view_result(model: HRN, fit: MVFit, index: int) -> Fused:
@@ -137,7 +139,7 @@ def view_result(model: HRN, fit: MVFit, index: int) -> Fused:
     return Fused(id=state.id[0].clone(), exp=state.exp[index].clone(), expression=fit.views[index].name,
                  deformation=state.deformation[0].clone(), displacement=state.displacement[index].clone(),
                  texture=fit.render.texture_map[index].clone(), valid=valid, weights=weights, coarse=coarse, mid=mid,
-                 dense=dense, view_names=[fit.views[index].name])
+                 dense=dense, view_names=[fit.views[index].name], tex=state.tex[index].clone())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -219,8 +221,14 @@ def write_result(folder: str | Path, model: HRN, result: Fused, *, units: str = 
     with atomic_open(folder / "maps.json") as fh:
         json.dump(sidecar, fh, indent=2)
     files.append(folder / "maps.json")
-    arrays = {"id": result.id.double().cpu().numpy(), "exp": result.exp.double().cpu().numpy(),
-              "expression": np.array(result.expression), "units": np.array(label), **(coeffs or {})}
+    # the 257-vector of `hrn predict` for the canonical pose: id, exp, the views' mean texture, no pose or light
+    vector = torch.zeros(cv.N_COEFFS, dtype=torch.float64)
+    vector[cv.COEFF_SLICES["id"]], vector[cv.COEFF_SLICES["exp"]] = result.id.double().cpu(), result.exp.double().cpu()
+    if result.tex is not None:
+        vector[cv.COEFF_SLICES["tex"]] = result.tex.double().cpu()
+    arrays = {"coeffs": vector.numpy(), "id": result.id.double().cpu().numpy(),
+              "exp": result.exp.double().cpu().numpy(), "expression": np.array(result.expression),
+              "units": np.array(label), **(coeffs or {})}
     with atomic_open(folder / "coeffs.npz", "wb") as fh:
         np.savez(fh, **arrays)
     files.append(folder / "coeffs.npz")

@@ -56,7 +56,9 @@ def test_capture_writes_the_fused_result(setup, tmp_path):
     assert summary["calibrated"] and summary["views"] == ["cam0", "cam1", "cam2"]
     coeffs = np.load(fused / "coeffs.npz")
     assert coeffs["id"].shape == (80,) and np.abs(coeffs["exp"]).max() == 0  # expression zero by default
-    assert coeffs["view_exp"].shape == (3, 64)
+    assert coeffs["view_exp"].shape == (3, 64) and coeffs["coeffs"].shape == (257,)
+    np.testing.assert_array_equal(coeffs["coeffs"][:80], coeffs["id"])
+    np.testing.assert_allclose(coeffs["coeffs"][144:224], coeffs["view_tex"].mean(0), atol=1e-6)
     assert "files in" in result.stdout
 
 
