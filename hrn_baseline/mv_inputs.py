@@ -12,6 +12,7 @@ import torch
 
 from facehd.capture import CAMERA_NAMES, capture_paths, read_cameras
 from facehd.errors import FaceHDError, FileFormatError, InputError
+from facehd.landmarks_detect import photo_landmark_folders
 from facehd.wild import read_image
 from hrn_baseline.mv import MVView
 from hrn_baseline.predict import check_landmarks, list_images, read_photo_landmarks
@@ -86,18 +87,28 @@ def read_capture_views(directory: str | Path, standard68: np.ndarray, size: int,
     return out
 
 
-def read_folder_views(images: str | Path, landmarks: str | Path | None, standard68: np.ndarray, size: int
-                      ) -> ViewSet:
+def read_folder_views(images: str | Path, landmarks: str | Path | None, standard68: np.ndarray, size: int,
+                      *, detected_out: str | Path | None = None) -> ViewSet:
     """The images of one folder: with a landmark folder (<stem>.txt, 68 lines 'x y' or 'x y
-    visible') each is cropped by the public preprocessing (images may differ in size); without,
-    each must already be an S x S crop, and its landmarks are the folder's <stem>.txt beside it
-    if present (else the view has no landmark term)."""
+    visible') each is cropped by the public preprocessing (images may differ in size). Without
+    one, and given `detected_out`, a photo's landmarks are its <stem>.txt beside it or else the
+    face detector's (`facehd.landmarks_detect`, written under `detected_out`), as `hrn predict`
+    finds them; an S x S image is taken as already cropped (landmarks from a <stem>.txt beside
+    it if present, else the view has no landmark term)."""
     out = ViewSet()
-    for path in list_images([images]):
+    paths = list_images([images])
+    folders, problems = ({}, {})
+    if landmarks is None and detected_out is not None:
+        folders, problems = photo_landmark_folders(paths, detected_out, size)
+    for path in paths:
+        if path in problems:
+            out.skipped.append(problems[path])
+            continue
         try:
             photo = read_image(path)
-            if landmarks is not None:
-                lm_path = Path(landmarks) / f"{path.stem}.txt"
+            folder = Path(landmarks) if landmarks is not None else folders.get(path)
+            if folder is not None and not (landmarks is None and photo.shape[:2] == (size, size)):
+                lm_path = folder / f"{path.stem}.txt"
                 points, visible = read_photo_landmarks(lm_path)
                 out.views.append(_crop_view(path.stem, path, photo, points, visible, lm_path, standard68, size))
                 continue
@@ -105,8 +116,14 @@ def read_folder_views(images: str | Path, landmarks: str | Path | None, standard
                 raise FileFormatError(path, f"image is {photo.shape[1]} x {photo.shape[0]} pixels: give --landmarks "
                                             f"to align it, or pre-cropped {size} x {size} images")
             image = torch.from_numpy(photo.astype(np.float32) / 255.0).permute(2, 0, 1).contiguous()
-            out.views.append(MVView(name=path.stem, source=path, image=image, landmarks=np.zeros((68, 2)),
-                                    visible=np.zeros(68), photo=photo))
+            points, visible = np.zeros((68, 2)), np.zeros(68)
+            if folder is not None:  # a crop's own landmarks, in its pixels
+                lm_path = folder / f"{path.stem}.txt"
+                points, visible = read_photo_landmarks(lm_path)
+                check_landmarks(points, visible, photo.shape[:2], lm_path)
+                points, visible = np.nan_to_num(points), (visible & np.isfinite(points).all(axis=1)).astype(float)
+            out.views.append(MVView(name=path.stem, source=path, image=image, landmarks=points,
+                                    visible=visible, photo=photo))
         except FaceHDError as exc:
             out.skipped.append(str(exc))
     return out

@@ -137,10 +137,12 @@ def mv_images(images: str | Path, job: MVJob, *, landmarks: str | Path | None = 
         raise FileFormatError(images, "no such image folder")
     if landmarks is not None and not Path(landmarks).is_dir():
         raise FileFormatError(Path(landmarks), "no such landmark folder (<image stem>.txt per image)")
-    if landmarks is None and job.checkpoint is None:
-        raise InputError("without a checkpoint the fit starts from landmarks: give --landmarks DIR")
-    views = read_folder_views(images, landmarks, standard_landmarks(model.morphable), model.image_size)
+    views = read_folder_views(images, landmarks, standard_landmarks(model.morphable), model.image_size,
+                              detected_out=job.out)
     views.require(images)
+    if job.checkpoint is None and not any(view.visible.any() for view in views.views):
+        raise InputError(f"{images}: no view has landmarks, and without a checkpoint the fit starts from them: "
+                         "give --landmarks DIR, <stem>.txt files beside the images, or a checkpoint")
     uncalibrated = dataclasses.replace(job, config=dataclasses.replace(job.config, calibrated=False))
     return reconstruct_views(model, views, job.out, uncalibrated, source=str(images), progress=progress), views.skipped
 

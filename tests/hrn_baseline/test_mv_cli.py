@@ -139,3 +139,27 @@ def test_an_unknown_expression_is_refused_before_fitting(setup, tmp_path):
     assert result.exit_code == 1 and "--expression 'cam7' is not zero, mean or one of the views (cam0, cam1)" \
         in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_image_folder_finds_landmarks_as_hrn_predict_does(setup, tmp_path, monkeypatch):
+    """Without --landmarks: <stem>.txt beside a photo is used; a photo with none goes to the face
+    detector, and without the detector it is skipped with a line saying how to install it."""
+    base, views = setup
+    images = tmp_path / "images"
+    images.mkdir()
+    from PIL import Image
+
+    border = 24  # photos, not crops: a crop-sized image would be taken as already cropped
+    for view in views[:3]:
+        Image.fromarray(np.pad(view.photo, ((border, border), (border, border), (0, 0)), mode="edge")).save(
+            images / f"{view.name}.png")
+    for view in views[:2]:
+        rows = np.concatenate([view.landmarks + border, view.visible[:, None]], axis=1)
+        np.savetxt(images / f"{view.name}.txt", rows, fmt="%.3f %.3f %d")
+    monkeypatch.setenv("FACEHD_DETECT_PYTHON", str(tmp_path / "no-detector" / "python"))
+    result = _run(base, "--images", str(images), "--out", str(tmp_path / "out"), "--no-preview")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "out" / "mv.json").read_text())
+    assert summary["views"] == ["cam0", "cam1"]
+    skipped = [line for line in result.output.splitlines() if "cam2.png" in line]
+    assert skipped and "setup.sh --detect" in skipped[0]
