@@ -683,8 +683,11 @@ def released_aligned_distance(a_vertices, b_vertices, faces, *, center, radius_m
     the crop's vertices and B's same-index vertices; then repeat: fit menpo's similarity
     (`fit_similarity_norm_ratio`) of the current, already moved, crop onto its correspondences
     (first B's same-index vertices) and apply it; correspondences = the closest points on B's
-    triangles, chosen and measured in float64; d = their mean distance; while the previous d minus
-    the new one exceeds 0.001 mm. The LAST d is returned, even when that step made it worse.
+    triangles, measured in float64; d = their mean distance; while the previous d minus the new
+    one exceeds 0.001 mm. The LAST d is returned, even when that step made it worse. The stop test
+    and the returned d are exact in float64: the float32 search's triangle is replaced by the
+    float64 search's (`SurfaceIndex.closest(exact=True)`) wherever that could change them (a stop
+    test within `SurfaceIndex.choice_slack` of the tolerance, and the last iterate).
     `max_iter` is only a safety net; reaching it sets `safety_net`.
     """
     if metric not in METRICS:
@@ -695,18 +698,36 @@ def released_aligned_distance(a_vertices, b_vertices, faces, *, center, radius_m
     mask = released_crop_mask(a, faces, center, radius_mm, mm_per_unit)
     index = SurfaceIndex(b, faces)
     current, corr = a[mask], b[mask]
+    # the mean distance as an interval [low, high] (mm): the float32 search's triangles give high,
+    # and the float64 one is at most `choice_slack` nearer per point; the float64 search runs only
+    # when a stop test falls inside the intervals, and for the value returned
     previous = float(np.linalg.norm(current - corr, axis=1).mean()) * mm_per_unit
+    previous_range, previous_points = (previous, previous), None  # d0 is exact
     total, iterations, safety_net = Similarity.identity(), 0, True
-    for iterations in range(1, int(max_iter) + 1):
+    while iterations < int(max_iter):
+        iterations += 1
         step = fit_similarity_norm_ratio(current, corr)
         current, total = step.apply(current), step.compose(total)
-        hit = index.closest(current, exact=True)
+        hit = index.closest(current)
         corr = hit.points
-        d = float(hit.distances.mean()) * mm_per_unit
-        if not previous - d > ICP_TOL_MM:
-            safety_net = False
-            break
-        previous = d
+        high = float(hit.distances.mean()) * mm_per_unit
+        d_range = (high - index.choice_slack(current) * mm_per_unit, high)
+        if previous_range[0] - d_range[1] > ICP_TOL_MM:  # improved by more than the tolerance, surely
+            previous_range, previous_points = d_range, current
+            continue
+        if previous_range[1] - d_range[0] > ICP_TOL_MM:  # undecided: measure both in float64
+            hit = index.closest(current, exact=True)
+            d = float(hit.distances.mean()) * mm_per_unit
+            if previous_points is not None:
+                previous = float(index.closest(previous_points, exact=True).distances.mean()) * mm_per_unit
+                previous_range = (previous, previous)
+            if previous_range[0] - d > ICP_TOL_MM:
+                corr = hit.points
+                previous_range, previous_points = (d, d), None
+                continue
+        safety_net = False
+        break
+    hit = index.closest(current, exact=True)  # the value returned, in float64
     vertex_mm = np.full(len(a), np.nan)
     vertex_mm[mask] = (index.point_to_plane(current) if metric == "point_to_plane" else hit.distances) * mm_per_unit
     return AlignedDistance(float(vertex_mm[mask].mean()), vertex_mm, total, iterations, safety_net)

@@ -25,6 +25,10 @@ MIN_NORMAL_LENGTH = 1e-8
 EXACT_NEIGHBOURS = 16
 EXACT_NEIGHBOURS_GROWTH = 4
 EXACT_BOUND_RTOL = 1e-9
+# The float32 search's triangle may be farther than the float64 closest one by at most twice its
+# float32 distance error: rounding of coordinates of magnitude R (from the centre) to a few ulps
+# each. This many ulps of R is taken per distance (a margin over the 1-2 a distance costs).
+CHOICE_ULPS = 8
 
 
 # --- input checks -------------------------------------------------------------------------------
@@ -223,6 +227,15 @@ class SurfaceIndex:
         if exact:
             face_index, bary, closest, distances = self._refine(p, face_index, bary, closest, distances)
         return ClosestPoints(closest, distances, face_index, bary)
+
+    def choice_slack(self, points) -> float:
+        """How much farther than the float64 closest triangle the float32 search's choice can be,
+        per query point, in the mesh's units: `closest(points).distances` - this <= the
+        exact distances <= `closest(points).distances`. A caller comparing means to a tolerance
+        needs `closest(exact=True)` only when the comparison falls within this slack."""
+        p = as_points(points, "query points")
+        reach = float(np.abs(self.vertices - self._center).max()) + float(np.abs(p - self._center).max(initial=0.0))
+        return 2.0 * CHOICE_ULPS * float(np.finfo(np.float32).eps) * reach
 
     def _on_faces(self, p: np.ndarray, face_index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         tri = self.vertices[self.faces[face_index]]  # (P, 3 corners, 3)
