@@ -51,9 +51,9 @@ TITLE = "MICC Florence (HRN supplement Table 1): mean / std of the distance in m
 @click.option("--synthetic-resolution", type=click.IntRange(min=16), default=None,
               help="SynthBFM grid rows of the synthetic default's template [default: 48, 2,352 vertices].")
 @click.option("--no-published", is_flag=True, help="Leave the published rows out of the table.")
-def micc_command(gt_dir, preds, landmarks_dir, template, template_keypoints, fmt, per_subject, direction, metric, protocol, units,
-                 plots_dir,
-                 cache_root, workers, synthetic_subjects, synthetic_resolution, no_published):
+def micc_command(gt_dir, preds, landmarks_dir, template, template_keypoints, fmt, per_subject, direction, metric,
+                 protocol, units, plots_dir, cache_root, workers, synthetic_subjects, synthetic_resolution,
+                 no_published):
     """Evaluate reconstructions on MICC Florence and print Table 1 beside the published rows.
 
     With no --gt / --pred / --template, runs the embedded synthetic benchmark (generated once,

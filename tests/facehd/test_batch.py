@@ -406,7 +406,8 @@ def test_gt_maps_take_the_uvs_of_a_model_file_without_them(dataset, tmp_path):
     assert not any((tmp_path / "wrong").rglob("align.json")) if (tmp_path / "wrong").exists() else True
 
     views = [f"cam{i}" for i in range(9)]
-    for name, args in (("with", ["--model", str(model_path)]), ("given", ["--model", str(no_uv), "--uv", str(uv_file)])):
+    given = ["--model", str(no_uv), "--uv", str(uv_file)]
+    for name, args in (("with", ["--model", str(model_path)]), ("given", given)):
         result = CliRunner().invoke(main, ["gt-maps", str(root), "--out", str(tmp_path / name), *args, *common])
         assert result.exit_code == 0, result.output
     with_uv = read_gt_maps(tmp_path / "with" / "S001" / "neutral", views)
