@@ -39,6 +39,7 @@ SUBDIVISIONS = 1  # the ground-truth scan is the model mesh subdivided this many
 REFERENCE_METHODS = ("mean-face", "landmark-3dmm", "truth-noise")
 MICC_SETTING_DIRS = ("Indoor-Cooperative", "PTZ-Indoor", "PTZ-Outdoor")  # MICC video folder names
 MICC_SCANS = ("frontal1", "frontal2")
+MODEL_CONFIG_NAME = "hrn_model.yaml"
 
 # --- subject ------------------------------------------------------------------------------------
 # Coefficients are in units of each basis' standard deviation (the bases are premultiplied).
@@ -394,14 +395,39 @@ class SyntheticMicc:
         """<root>/predictions/<method>/subject_XX/{Indoor-Cooperative,PTZ-Indoor,PTZ-Outdoor}.obj"""
         return self.root / "predictions" / method
 
+    def video(self, subject: str, setting: str) -> Path:
+        """<root>/MICC/subject_XX/Video/<setting>.mp4, its frames' landmarks beside it
+        (`benchmarks.micc_frames`)."""
+        from benchmarks.micc_frames import video_path
+
+        return video_path(self.gt_dir / subject, setting)
+
+    @property
+    def model_config(self) -> Path:
+        """A YAML whose model section names the template (`hrn mv --model-config`), so that a
+        reconstruction from the videos lands on the template's topology."""
+        return self.root / "model" / MODEL_CONFIG_NAME
+
+    def methods(self) -> dict[str, Path]:
+        """Method name -> prediction folder: the reference methods, then any other folder under
+        predictions/ (e.g. one `hrn mv --micc` wrote to predictions/mv-hrn), by name."""
+        found = {m: self.predictions(m) for m in REFERENCE_METHODS}
+        folder = self.root / "predictions"
+        extra = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")) \
+            if folder.is_dir() else []
+        found.update({name: folder / name for name in extra if name not in found})
+        return found
+
     @property
     def manifest(self) -> Path:
         return self.root / "manifest.json"
 
 
 def synthetic_micc_parameters(*, n_subjects: int = MICC_N_SUBJECTS, resolution: int = DEFAULT_RESOLUTION,
-                              seed: int = DEFAULT_SEED) -> dict:
-    """Everything the generated files depend on; its hash is the cache key."""
+                              seed: int = DEFAULT_SEED, frames: bool = True) -> dict:
+    """Everything the generated files depend on; its hash is the cache key. ``frames``: the videos
+    (`benchmarks.micc_frames`) are part of the benchmark."""
+    from benchmarks.micc_frames import frames_parameters
     from facehd.synth import bfm
 
     return {
@@ -415,6 +441,7 @@ def synthetic_micc_parameters(*, n_subjects: int = MICC_N_SUBJECTS, resolution: 
                     "wrinkle_centre_uv": WRINKLE_CENTRE_UV, "wrinkle_radii_uv": WRINKLE_RADII_UV, "pore_mm": PORE_MM},
         "scan": {"noise_mm": SCAN_NOISE_MM, "angle_deg": SCAN_MAX_ANGLE_DEG, "shift_mm": SCAN_MAX_SHIFT_MM,
                  "landmark_mm": LANDMARK_NOISE_MM},
+        "frames": frames_parameters() if frames else None,
     }
 
 
@@ -435,13 +462,21 @@ def _write_obj(path: Path, vertices: np.ndarray, faces: np.ndarray, units: str, 
     save_mesh(path, Mesh(vertices, faces, metadata={"units": units}), precision=digits)
 
 
+def _write_model_config(layout: SyntheticMicc) -> None:
+    with atomic_open(layout.model_config, "w") as fh:
+        fh.write("# The model section for `hrn mv --model-config` on this synthetic MICC: reconstructions must be on\n"
+                 "# the template's topology, so the fit uses the template's morphable model.\n"
+                 f"model:\n  morphable_model: {layout.template.name}\n")
+
+
 def _write_landmarks(path: Path, landmarks_mm: np.ndarray) -> None:
     with atomic_open(path, "w") as fh:
         fh.write("# 68 iBUG landmarks, x y z in mm, scan frame\n")
         np.savetxt(fh, landmarks_mm, fmt="%.4f")
 
 
-def _write_subject(layout: SyntheticMicc, model: MorphableModel, index: int, seed: int) -> None:
+def _write_subject(layout: SyntheticMicc, model: MorphableModel, index: int, seed: int, frames: bool = True
+                   ) -> None:
     subject = make_subject(model, index, seed)
     name = subject.name
     for k, scan in enumerate(MICC_SCANS):
@@ -454,6 +489,10 @@ def _write_subject(layout: SyntheticMicc, model: MorphableModel, index: int, see
             rng = np.random.default_rng([seed, index, 2, j, k])
             vertices, faces = predict_reference(model, subject, method, rng, noise=MICC_SETTING_NOISE[setting])
             _write_obj(layout.predictions(method) / name / f"{setting}.obj", vertices, faces, "model", 8)
+    if frames:  # from their own random streams: the files above do not depend on them
+        from benchmarks.micc_frames import write_subject_videos
+
+        write_subject_videos(layout.gt_dir / name, model, subject, seed, MICC_SETTING_DIRS)
 
 
 @functools.lru_cache(maxsize=2)
@@ -463,10 +502,10 @@ def _load_model(path: str):
     return load_morphable_model(path)
 
 
-def _write_subject_at(root: str, index: int, seed: int) -> None:
+def _write_subject_at(root: str, index: int, seed: int, frames: bool = True) -> None:
     """`_write_subject` for a worker process: everything it needs travels as plain values."""
     layout = SyntheticMicc(Path(root))
-    _write_subject(layout, _load_model(str(layout.template)), index, seed)
+    _write_subject(layout, _load_model(str(layout.template)), index, seed, frames)
 
 
 def _generate(root: Path, parameters: dict, workers: int) -> None:
@@ -474,13 +513,16 @@ def _generate(root: Path, parameters: dict, workers: int) -> None:
 
     layout = SyntheticMicc(root)
     write_synth_bfm(layout.template, resolution=parameters["resolution"], seed=parameters["seed"])
+    _write_model_config(layout)
     indices = range(1, parameters["n_subjects"] + 1)
+    frames = parameters.get("frames") is not None
     if workers > 1:
         with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-            list(pool.map(_write_subject_at, [str(root)] * len(indices), indices, [parameters["seed"]] * len(indices)))
+            list(pool.map(_write_subject_at, [str(root)] * len(indices), indices, [parameters["seed"]] * len(indices),
+                          [frames] * len(indices)))
     else:
         for index in indices:
-            _write_subject_at(str(root), index, parameters["seed"])
+            _write_subject_at(str(root), index, parameters["seed"], frames)
     with atomic_open(layout.manifest, "w") as fh:  # written last: its presence means complete
         json.dump({"key": _key(parameters), "parameters": parameters}, fh, indent=2)
 
@@ -497,7 +539,8 @@ def _check_replaceable(root: Path) -> None:
 
 
 def ensure_synthetic_micc(cache_dir: str | Path | None = None, *, n_subjects: int = MICC_N_SUBJECTS,
-                          resolution: int = DEFAULT_RESOLUTION, seed: int = DEFAULT_SEED, workers: int = 1) -> Path:
+                          resolution: int = DEFAULT_RESOLUTION, seed: int = DEFAULT_SEED, workers: int = 1,
+                          frames: bool = True) -> Path:
     """Generate the synthetic MICC benchmark once and return its directory (see `SyntheticMicc`).
 
     Default directory: `<$FACEHD_CACHE or ~/.cache/facehd>/synthetic-micc-v1`. The directory's
@@ -505,12 +548,13 @@ def ensure_synthetic_micc(cache_dir: str | Path | None = None, *, n_subjects: in
     (another generator version, seed or size) regenerates everything. Generation happens in a
     temporary sibling directory that is renamed into place, so an interrupted run leaves nothing
     that looks finished. `workers` > 1 writes subjects in that many processes (the files do not
-    depend on it).
+    depend on it). ``frames``: also the videos of each subject (`SyntheticMicc.video`); the scans,
+    their landmarks and the reference predictions do not depend on it.
     """
     root = Path(cache_dir) if cache_dir is not None else default_cache_root() / f"synthetic-micc-v{SYNTH_VERSION}"
     if n_subjects < 1:
         raise InputError(f"n_subjects must be >= 1, got {n_subjects}")
-    parameters = synthetic_micc_parameters(n_subjects=n_subjects, resolution=resolution, seed=seed)
+    parameters = synthetic_micc_parameters(n_subjects=n_subjects, resolution=resolution, seed=seed, frames=frames)
     key = _key(parameters)
     if _cached_key(root) == key:
         return root
