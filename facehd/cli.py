@@ -253,11 +253,13 @@ def gt_maps_command(root: Path, out: Path, model_path: Path | None, uv_path: Pat
 
 def _register_commands() -> None:
     from facehd.cli_dataset import stats, validate
+    from facehd.cli_head import synth_flame
     from facehd.cli_landmarks import landmarks
 
     main.add_command(validate)
     main.add_command(stats)
     main.add_command(landmarks)
+    synth.add_command(synth_flame)
 
 
 _register_commands()
